@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything installs into .venv.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch/torchvision pinned to the builds this project is tested with; override on other machines,
+# e.g. `make test TORCH_SPEC="torch torchvision"`.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# `cpu` pulls faiss-cpu; use EXTRAS=gpu,dev on a CUDA machine to get faiss-gpu instead.
+EXTRAS ?= cpu,dev
+comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
+	$(PY) -m pip install --disable-pip-version-check -q $(TORCH_SPEC)
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: install
+	$(PY) -m vidtag.demo
+
+test: install
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q -x --durations=15
+
+bench: install
+	$(PY) benchmarks/frechet.py
+
+clean:
+	rm -rf cache metrics plots dvclive .pytest_cache
