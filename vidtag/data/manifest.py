@@ -1,0 +1,217 @@
+"""The manifest: one row per frame, the single table every later stage reads (DESIGN.md, Formats).
+
+Frames are referenced, never copied: ``image_path`` (relative to the dataset root) or ``video_path``
++ ``timestamp_s`` (decoded later by the extractor through :mod:`vidtag.data.video`). The root is
+kept in the parquet metadata, relative to the manifest's folder when the two share a tree, so a
+clone of the repository (manifest and toy data under ``cache/``) can move.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from vidtag.io import read_parquet_metadata, write_parquet_atomic
+
+# Column -> dtype, in the order a manifest is written. Only the first three and ``split`` are always
+# present; a manifest has ``image_path`` or ``video_path`` + ``timestamp_s`` (or both, per row one);
+# the label columns appear where the dataset has them.
+MANIFEST_COLUMNS: dict[str, pl.DataType] = {
+    "sequence_id": pl.String(),
+    "frame_index": pl.Int32(),  # 0-based, contiguous within a sequence
+    "image_path": pl.String(),  # relative to the manifest's root
+    "video_path": pl.String(),  # relative to the manifest's root
+    "timestamp_s": pl.Float64(),  # presentation time of the frame in its video
+    "lat": pl.Float64(),  # degrees; null = unknown
+    "lon": pl.Float64(),  # degrees in [-180, 180]; null = unknown
+    "split": pl.String(),
+    "city": pl.String(),
+    "state": pl.String(),
+    "country": pl.String(),
+    "continent": pl.String(),
+}
+REQUIRED_COLUMNS = ("sequence_id", "frame_index", "lat", "lon", "split")
+LABEL_COLUMNS = ("city", "state", "country", "continent")
+SPLITS = ("train", "val", "test")
+# What the feature store depends on: change any of these and extracted features no longer line up.
+FINGERPRINT_COLUMNS = ("sequence_id", "frame_index", "image_path", "video_path", "timestamp_s")
+
+META_ROOT = "vidtag.root"
+META_SOURCE = "vidtag.source"
+META_FINGERPRINT = "vidtag.manifest_fingerprint"
+
+
+class ManifestError(ValueError):
+    """Bad dataset input or a malformed manifest; the message names the file and row."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A manifest table with the absolute dataset root its relative paths resolve against."""
+
+    df: pl.DataFrame
+    root: Path
+    source: str = "unknown"
+
+    def __repr__(self) -> str:
+        n_seq = self.df["sequence_id"].n_unique() if self.df.height else 0
+        splits = dict(self.df.group_by("split").len().sort("split").iter_rows()) if self.df.height else {}
+        return f"Manifest({self.df.height} frames, {n_seq} sequences, splits={splits}, source={self.source!r}, root={str(self.root)!r})"
+
+
+def _row_error(df: pl.DataFrame, mask: pl.Series | np.ndarray, what: str, hint: str) -> ManifestError:
+    """An error naming the first offending row (its position and sequence/frame) and how many there are."""
+    mask = np.asarray(mask, dtype=bool)
+    idx = np.flatnonzero(mask)
+    i = int(idx[0])
+    row = df.row(i, named=True)
+    where = f"row {i} (sequence_id={row.get('sequence_id')!r}, frame_index={row.get('frame_index')})"
+    more = f" and {idx.size - 1} more row(s)" if idx.size > 1 else ""
+    return ManifestError(f"manifest {where}{more}: {what}; {hint}")
+
+
+def validate_manifest(df: pl.DataFrame) -> pl.DataFrame:
+    """Check and normalise a manifest: dtypes cast, columns ordered, rows sorted by sequence and frame.
+
+    Raises :class:`ManifestError` naming the first bad row. Extra columns are kept after the known
+    ones (readers may carry e.g. a dataset's own frame key); consumers ignore them.
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ManifestError(f"manifest is missing column(s) {missing}; expected at least {list(REQUIRED_COLUMNS)}")
+    if "image_path" not in df.columns and "video_path" not in df.columns:
+        raise ManifestError("manifest has neither 'image_path' nor 'video_path'; every frame needs one")
+    if "video_path" in df.columns and "timestamp_s" not in df.columns:
+        raise ManifestError("manifest has 'video_path' but no 'timestamp_s'; a video frame needs its time")
+    try:
+        df = df.with_columns(
+            [pl.col(c).cast(t, strict=True) for c, t in MANIFEST_COLUMNS.items() if c in df.columns]
+        )
+    except (pl.exceptions.InvalidOperationError, pl.exceptions.ComputeError) as e:
+        raise ManifestError(f"manifest column has the wrong type: {e}; expected {MANIFEST_COLUMNS}") from e
+    known = [c for c in MANIFEST_COLUMNS if c in df.columns]
+    df = df.select(known + [c for c in df.columns if c not in MANIFEST_COLUMNS])
+    if df.height == 0:
+        return df
+
+    for c in ("sequence_id", "frame_index", "split"):
+        if df[c].null_count():
+            raise _row_error(df, df[c].is_null(), f"'{c}' is null", "every frame needs one")
+    bad_split = ~df["split"].is_in(SPLITS)
+    if bad_split.any():
+        raise _row_error(df, bad_split, f"split is not one of {list(SPLITS)}", "fix the reader's split")
+
+    has_img = df["image_path"].is_not_null() if "image_path" in df.columns else pl.Series([False] * df.height)
+    has_vid = df["video_path"].is_not_null() if "video_path" in df.columns else pl.Series([False] * df.height)
+    if not (has_img ^ has_vid).all():
+        raise _row_error(df, ~(has_img ^ has_vid), "needs exactly one of image_path / video_path", "set one per row")
+    if "timestamp_s" in df.columns:
+        ts = df["timestamp_s"].to_numpy()
+        bad_ts = has_vid.to_numpy() & ~(np.isfinite(ts) & (ts >= 0))
+        if bad_ts.any():
+            raise _row_error(df, bad_ts, "video frame without a finite timestamp_s >= 0", "give each frame its time")
+
+    lat = df["lat"].fill_null(np.nan).to_numpy()
+    lon = df["lon"].fill_null(np.nan).to_numpy()
+    known_ll = ~(df["lat"].is_null() & df["lon"].is_null()).to_numpy()  # NaN is an error, null is "unknown"
+    ok = np.isfinite(lat) & np.isfinite(lon) & (np.abs(lat) <= 90.0) & (np.abs(lon) <= 180.0)
+    bad_ll = known_ll & ~ok
+    if bad_ll.any():
+        raise _row_error(df, bad_ll, "lat/lon is NaN, half-missing or out of range [-90, 90] x [-180, 180]",
+                         "fix the coordinates or leave both null when unknown")
+    df = df.sort("sequence_id", "frame_index", maintain_order=True)
+    dup = df.select(pl.struct("sequence_id", "frame_index").is_duplicated()).to_series()
+    if dup.any():
+        raise _row_error(df, dup, "duplicate (sequence_id, frame_index)", "each frame must appear once")
+    expected = df.select(pl.int_range(pl.len(), dtype=pl.Int32).over("sequence_id")).to_series()
+    gap = df["frame_index"] != expected
+    if gap.any():
+        raise _row_error(df, gap, "frame_index is not 0-based and contiguous in its sequence",
+                         "renumber frames 0..n-1 in temporal order")
+    splits = df.group_by("sequence_id").agg(pl.col("split").n_unique().alias("n")).filter(pl.col("n") > 1)
+    if splits.height:
+        raise _row_error(df, df["sequence_id"].is_in(splits["sequence_id"].implode()),
+                         "one sequence spans several splits", "split by whole sequences")
+    return df
+
+
+def _root_for_metadata(root: Path, manifest_dir: Path) -> str:
+    """Relative to the manifest's folder when both live in one tree (not just '/'), else absolute."""
+    root, manifest_dir = root.resolve(), manifest_dir.resolve()
+    common = Path(os.path.commonpath([root, manifest_dir]))
+    if common == Path(common.anchor):
+        return str(root)
+    return os.path.relpath(root, manifest_dir)
+
+
+def write_manifest(
+    df: pl.DataFrame,
+    path: str | os.PathLike,
+    root: str | os.PathLike,
+    *,
+    source: str = "unknown",
+    skipped: pl.DataFrame | None = None,
+) -> Manifest:
+    """Validate and write a manifest atomically; ``skipped`` rows (if given) go to ``<path>.skipped.csv``."""
+    path = Path(path)
+    df = validate_manifest(df)
+    meta = {
+        META_ROOT: _root_for_metadata(Path(root), path.parent),
+        META_SOURCE: source,
+        META_FINGERPRINT: manifest_fingerprint(df),
+    }
+    if skipped is not None:
+        from vidtag.data.report import write_skipped
+
+        write_skipped(skipped, skipped_report_path(path))
+    write_parquet_atomic(df, path, metadata=meta)
+    return Manifest(df, Path(root).resolve(), source)
+
+
+def skipped_report_path(manifest_path: str | os.PathLike) -> Path:
+    """Where the rows left out by ``skip_bad`` are listed: beside the manifest."""
+    p = Path(manifest_path)
+    return p.with_name(p.name + ".skipped.csv")
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Read and validate a manifest; its root comes back absolute."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} does not exist; create one with `vidtag ingest ... --out {path}`")
+    meta = read_parquet_metadata(path)
+    if META_ROOT not in meta:
+        raise ManifestError(f"{path} has no '{META_ROOT}' metadata; it was not written by vidtag's write_manifest")
+    try:
+        df = validate_manifest(pl.read_parquet(path))
+    except ManifestError as e:
+        raise ManifestError(f"{path}: {e}") from e
+    root = Path(meta[META_ROOT])
+    if not root.is_absolute():
+        root = path.parent / root
+    return Manifest(df, root.resolve(), meta.get(META_SOURCE, "unknown"))
+
+
+def manifest_fingerprint(df: pl.DataFrame) -> str:
+    """sha256 over the columns that shape features (row order included), stable across polars versions."""
+    h = hashlib.sha256()
+    h.update(f"rows={df.height};".encode())
+    for c in FINGERPRINT_COLUMNS:
+        h.update(f"|{c}:".encode())
+        if c not in df.columns:
+            h.update(b"absent")
+            continue
+        s = df[c]
+        if s.dtype == pl.String:
+            # \x01 marks null so that null and "" differ; \x00 separates values.
+            h.update("\x00".join(s.fill_null("\x01").to_list()).encode())
+        elif s.dtype.is_integer():
+            h.update(s.cast(pl.Int64).fill_null(-(2**62)).to_numpy().astype("<i8").tobytes())
+        else:
+            h.update(s.cast(pl.Float64).fill_null(np.nan).to_numpy().astype("<f8").tobytes())
+    return h.hexdigest()
