@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
-from vidtag.geo import KM_PER_DEG_LAT, haversine_km, km_per_deg_lon, validate_latlon, wrap_lon
+from vidtag.geo import EARTH_RADIUS_KM, KM_PER_DEG_LAT, haversine_km, km_per_deg_lon, validate_latlon, wrap_lon
 
 THRESHOLDS_KM = (0.5, 1.0, 5.0, 25.0)  # Sec. 4.3: accuracy at 0.5 / 1 / 5 / 25 km (Tables 1-2)
 LABEL_LEVELS = ("city", "state", "country", "continent")  # CityGuessr68k hierarchy (Table 3)
@@ -116,13 +116,27 @@ def _as_curve(x, name: str, metric: str) -> np.ndarray:
 
 
 def _cost_into(x: np.ndarray, a: np.ndarray, b: np.ndarray, metric: str) -> None:
-    """Point-to-point distances of curve batches a (N, 2, P), b (M, 2, P) written into x (N, M, P)."""
+    """DP costs of curve batches a (N, 2, P), b (M, 2, P) written into x (N, M, P).
+
+    ``deg``: Euclidean distance. ``km``: the squared chord between unit vectors, a monotone function
+    of the great-circle distance; min/max commute with monotone maps, so the DP runs on it and only
+    the P answers are converted (:func:`_chord2_to_km`), sparing a trig call per cell.
+    """
     if metric == "deg":
         dlat = a[:, None, 0, :] - b[None, :, 0, :]
         dlon = a[:, None, 1, :] - b[None, :, 1, :]
         np.sqrt(dlat * dlat + dlon * dlon, out=x)
-    else:
-        x[...] = haversine_km(a[:, None, 0, :], a[:, None, 1, :], b[None, :, 0, :], b[None, :, 1, :])
+        return
+    ua, ub = _unit_vectors(a[:, 0], a[:, 1]), _unit_vectors(b[:, 0], b[:, 1])  # (N, P, 3), (M, P, 3)
+    x[...] = 0.0
+    for c in range(3):
+        diff = ua[:, None, :, c] - ub[None, :, :, c]  # (N, M, P)
+        x += diff * diff
+
+
+def _chord2_to_km(chord2: np.ndarray) -> np.ndarray:
+    """Great-circle km from the squared chord between unit vectors (haversine's a = chord2 / 4)."""
+    return 2 * EARTH_RADIUS_KM * np.arcsin(np.clip(np.sqrt(chord2) / 2, 0.0, 1.0))
 
 
 def _frechet_batch(a: np.ndarray, b: np.ndarray, n: np.ndarray, m: np.ndarray, metric: str) -> np.ndarray:
@@ -161,7 +175,7 @@ def _frechet_batch(a: np.ndarray, b: np.ndarray, n: np.ndarray, m: np.ndarray, m
         cur[0] = prev[0]
         np.maximum(cur, skew[k], out=cur)
         prev2, prev, cur = prev, cur, prev2
-    return out
+    return _chord2_to_km(out) if metric == "km" else out
 
 
 def discrete_frechet_many(curves_a: Sequence, curves_b: Sequence, metric: str = "deg", max_cells: int = 1 << 21) -> np.ndarray:
