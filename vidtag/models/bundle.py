@@ -1,0 +1,125 @@
+"""The model bundle: one directory with everything `vidtag predict` needs (DESIGN.md, Formats).
+
+Files: ``model.safetensors`` (all weights, keys prefixed ``frame_encoder.``, ``location_encoder.``,
+``refiner.``, plus ``logit_scale``), ``config.json`` (model config, backbone config from the feature
+store, feature dims, gallery file name + sha256, model sha256) and ``gallery.parquet`` (a copy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vidtag.io import atomic_path
+from vidtag.models.config import VidTAGConfig
+from vidtag.models.frame_encoder import FrameEncoder
+from vidtag.models.georefiner import GeoRefiner
+from vidtag.models.location_encoder import LocationEncoder
+
+BUNDLE_FORMAT = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+GALLERY_FILE = "gallery.parquet"
+
+
+class BundleError(ValueError):
+    """A model bundle directory is incomplete, corrupted, or does not match its config."""
+
+
+@dataclass
+class Bundle:
+    frame_encoder: FrameEncoder
+    location_encoder: LocationEncoder
+    refiner: GeoRefiner
+    logit_scale: torch.Tensor  # scalar, log of the Phase I temperature
+    config: dict[str, Any]  # config.json: "model" (VidTAGConfig dict), "backbones", "feature_dims", ...
+    gallery_path: Path
+
+    @property
+    def model_config(self) -> VidTAGConfig:
+        return VidTAGConfig.from_dict(self.config["model"])
+
+    def eval(self) -> Bundle:
+        for m in (self.frame_encoder, self.location_encoder, self.refiner):
+            m.eval()
+        return self
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_models(cfg: VidTAGConfig, seed: int = 0) -> tuple[FrameEncoder, LocationEncoder, GeoRefiner]:
+    """Fresh modules for ``cfg`` with seeded init; the location encoder is GeoCLIP's when ``cfg.location.pretrained``."""
+    torch.manual_seed(seed)
+    return FrameEncoder(cfg.frame), LocationEncoder.from_config(cfg.location, seed=seed), GeoRefiner(cfg.refiner)
+
+
+def bundle_state_dict(bundle: Bundle) -> dict[str, torch.Tensor]:
+    state = {"logit_scale": bundle.logit_scale.detach().reshape(())}
+    for prefix, module in (("frame_encoder", bundle.frame_encoder), ("location_encoder", bundle.location_encoder), ("refiner", bundle.refiner)):
+        state.update({f"{prefix}.{k}": v.detach() for k, v in module.state_dict().items()})
+    return {k: v.cpu().contiguous() for k, v in state.items()}
+
+
+def save_bundle(directory: str | Path, bundle: Bundle) -> Path:
+    """Write the bundle directory atomically; returns its path. Fingerprints are computed here."""
+    directory = Path(directory)
+    gallery_src = Path(bundle.gallery_path)
+    if not gallery_src.exists():
+        raise BundleError(f"gallery {gallery_src} does not exist; build it first (stage `gallery`)")
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        save_file(bundle_state_dict(bundle), tmp / WEIGHTS_FILE, metadata={"format": "vidtag-bundle"})
+        shutil.copyfile(gallery_src, tmp / GALLERY_FILE)
+        config = dict(bundle.config)
+        config.update(
+            format_version=BUNDLE_FORMAT,
+            model=VidTAGConfig.from_dict(config["model"]).to_dict(),  # validates and normalises
+            weights_file=WEIGHTS_FILE,
+            model_sha256=sha256_file(tmp / WEIGHTS_FILE),
+            gallery={"file": GALLERY_FILE, "source": str(gallery_src), "sha256": sha256_file(tmp / GALLERY_FILE)},
+        )
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    """Rebuild the model from a bundle directory, checking files and fingerprints; modules in eval mode."""
+    directory = Path(directory)
+    missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE, GALLERY_FILE) if not (directory / f).exists()]
+    if missing:
+        raise BundleError(f"model bundle {directory} is incomplete: missing {missing}; re-run `dvc repro train_phase2`")
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    if config.get("format_version") != BUNDLE_FORMAT:
+        raise BundleError(f"{directory / CONFIG_FILE}: format_version {config.get('format_version')!r}, expected {BUNDLE_FORMAT}")
+    for name, file, key in (("weights", WEIGHTS_FILE, config.get("model_sha256")), ("gallery", GALLERY_FILE, config.get("gallery", {}).get("sha256"))):
+        found = sha256_file(directory / file)
+        if found != key:
+            raise BundleError(f"{directory / file}: sha256 {found[:12]}... does not match config.json ({str(key)[:12]}...); the {name} were changed after the bundle was written")
+    cfg = VidTAGConfig.from_dict(config["model"])
+    cfg_no_pretrained = VidTAGConfig.from_dict({**cfg.to_dict(), "location": {**cfg.to_dict()["location"], "pretrained": False}})
+    frame, loc, refiner = build_models(cfg_no_pretrained)
+    state = load_file(directory / WEIGHTS_FILE, device="cpu")
+    for prefix, module in (("frame_encoder", frame), ("location_encoder", loc), ("refiner", refiner)):
+        part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        try:
+            module.load_state_dict(part, strict=True)
+        except RuntimeError as e:
+            raise BundleError(f"{directory / WEIGHTS_FILE}: {prefix} weights do not match config.json's architecture: {str(e).splitlines()[0]}") from None
+    if "logit_scale" not in state:
+        raise BundleError(f"{directory / WEIGHTS_FILE}: no logit_scale tensor")
+    loc.cfg = cfg.location  # keep the recorded config (pretrained flag) for downstream keys
+    bundle = Bundle(frame.to(device), loc.to(device), refiner.to(device), state["logit_scale"].to(device), config, directory / GALLERY_FILE)
+    return bundle.eval()

@@ -1,0 +1,87 @@
+"""Training losses (Sec. 3.5): Phase I contrastive CE (Eq. 1), Phase II weighted hinge (Eqs. 2-5)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vidtag.geo import haversine_km_torch
+
+
+def positive_targets(latlon_deg: torch.Tensor, positive_radius_km: float) -> torch.Tensor:
+    """(N, 2) degrees -> (N, N) row-stochastic targets: uniform over columns within the radius of the row.
+
+    Eq. 1 uses the identity. Neighbouring frames of one drive can be metres apart, and the identity then
+    asks the model to tell apart GPS points it cannot; the paper is silent on this, so we spread each row's
+    target over every column whose GPS lies within ``positive_radius_km`` (the diagonal always counts).
+    ``positive_radius_km = 0`` is Eq. 1's identity except for exactly repeated coordinates.
+    """
+    lat, lon = latlon_deg[:, 0].double(), latlon_deg[:, 1].double()
+    dist_km = haversine_km_torch(lat[:, None], lon[:, None], lat[None, :], lon[None, :])  # (N, N)
+    pos = (dist_km <= positive_radius_km) | torch.eye(len(lat), dtype=torch.bool, device=latlon_deg.device)
+    return pos.float() / pos.sum(dim=1, keepdim=True)
+
+
+def contrastive_loss(
+    frame_emb: torch.Tensor,
+    gps_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    symmetric: bool = False,
+) -> torch.Tensor:
+    """Eq. 1: CE(V G^T * exp(logit_scale), I) over all N frames of a batch; both sides L2-normalised.
+
+    ``frame_emb`` (N, D) and ``gps_emb`` (N, D); ``targets`` (N, N) soft targets (default identity).
+    GeoCLIP normalises both sides; we do too, so the logit scale alone sets the temperature. The scale
+    is clamped at 100 as in CLIP. ``symmetric`` adds the GPS->frame direction (Eq. 1 has only frame->GPS).
+    """
+    v = F.normalize(frame_emb, dim=-1)
+    g = F.normalize(gps_emb, dim=-1)
+    logits = logit_scale.exp().clamp(max=100.0) * v @ g.T  # (N, N)
+    if targets is None:
+        targets = torch.eye(len(v), device=v.device)
+    loss = F.cross_entropy(logits, targets)
+    if symmetric:
+        loss = 0.5 * (loss + F.cross_entropy(logits.T, targets.T / targets.T.sum(dim=1, keepdim=True)))
+    return loss
+
+
+def _weighted_hinge_term(refined: torch.Tensor, truth: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """alpha * (mean upper + mean lower) + beta * mean diag of (G' G^T - I)^2 (Eqs. 2-4)."""
+    n = len(refined)
+    m = (F.normalize(refined, dim=-1) @ F.normalize(truth, dim=-1).T - torch.eye(n, device=refined.device)) ** 2  # (n, n)
+    diag = m.diagonal().mean()
+    if n < 2:
+        return beta * diag
+    iu = torch.triu_indices(n, n, offset=1, device=m.device)
+    upper = m[iu[0], iu[1]].mean()
+    lower = m[iu[1], iu[0]].mean()
+    return alpha * (upper + lower) + beta * diag
+
+
+def weighted_hinge_loss(
+    refined: torch.Tensor,
+    truth: torch.Tensor,
+    pad_mask: torch.Tensor | None = None,
+    alpha: float = 10.0,
+    beta: float = 1.0,
+    video_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Eq. 5: L_f + L_v for (B, T, D) refined and ground-truth GPS embeddings; returns (loss, parts).
+
+    Frame-wise (L_f): one (N, N) matrix over all valid frames of the batch (Eq. 2's G stacks every frame,
+    as in Phase I). Video-wise (L_v): a (B, B) matrix over video embeddings, each the L2-normalised mean
+    of its sequence's unit-normalised frame embeddings over valid frames (our choice: the paper only says
+    "organized at the video level"). ``video_weight`` scales L_v (1 in Eq. 5).
+    """
+    b, t, d = refined.shape
+    valid = torch.ones(b, t, dtype=torch.bool, device=refined.device) if pad_mask is None else ~pad_mask
+    r = F.normalize(refined, dim=-1)
+    g = F.normalize(truth, dim=-1)
+    frame = _weighted_hinge_term(r[valid], g[valid], alpha, beta)
+    w = valid[..., None].to(r.dtype)
+    r_seq = (r * w).sum(1) / w.sum(1).clamp(min=1)  # (B, D)
+    g_seq = (g * w).sum(1) / w.sum(1).clamp(min=1)
+    video = _weighted_hinge_term(r_seq, g_seq, alpha, beta)
+    loss = frame + video_weight * video
+    return loss, {"frame": frame.detach(), "video": video.detach()}
