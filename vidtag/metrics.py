@@ -139,7 +139,43 @@ def _chord2_to_km(chord2: np.ndarray) -> np.ndarray:
     return 2 * EARTH_RADIUS_KM * np.arcsin(np.clip(np.sqrt(chord2) / 2, 0.0, 1.0))
 
 
-def _frechet_batch(a: np.ndarray, b: np.ndarray, n: np.ndarray, m: np.ndarray, metric: str) -> np.ndarray:
+def _diagonals_from_grid(a: np.ndarray, b: np.ndarray, metric: str):
+    """All anti-diagonals of the cost grid as a (K, N, P) view; memory N * K * P floats."""
+    N, M, P = a.shape[0], b.shape[0], a.shape[2]
+    K = N + M - 1
+    # Cost grid (N, K, P), columns >= M set to inf. In the flat buffer, cell (i, k - i) sits at
+    # k + i * (K - 1), so a strided view reads anti-diagonals without a copy; for i > k that address
+    # falls in row i - 1 at a column >= M, i.e. on inf (off-grid cells never couple).
+    grid = np.full((N, K, P), np.inf)
+    _cost_into(grid[:, :M], a, b, metric)
+    item = grid.itemsize
+    return np.lib.stride_tricks.as_strided(grid, shape=(K, N, P), strides=(P * item, (K - 1) * P * item, item), writeable=False)
+
+
+class _StreamedDiagonals:
+    """Anti-diagonal k of the cost grid computed when asked: memory O(N * P) for very long curves."""
+
+    def __init__(self, a: np.ndarray, b: np.ndarray, metric: str):
+        self.metric, self.M = metric, b.shape[0]
+        self.rows = np.arange(a.shape[0])
+        if metric == "km":  # (3, N, P) / (3, M, P) unit vectors, as in _cost_into
+            self.a = np.moveaxis(_unit_vectors(a[:, 0], a[:, 1]), -1, 0)
+            self.b = np.moveaxis(_unit_vectors(b[:, 0], b[:, 1]), -1, 0)
+        else:  # (2, N, P) / (2, M, P)
+            self.a, self.b = np.moveaxis(a, 1, 0), np.moveaxis(b, 1, 0)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        j = k - self.rows
+        off = (j < 0) | (j >= self.M)
+        diff = self.a - self.b[:, np.clip(j, 0, self.M - 1)]  # (C, N, P)
+        d = np.sum(diff * diff, axis=0)
+        if self.metric == "deg":
+            np.sqrt(d, out=d)
+        d[off] = np.inf
+        return d
+
+
+def _frechet_batch(a: np.ndarray, b: np.ndarray, n: np.ndarray, m: np.ndarray, metric: str, max_cells: int) -> np.ndarray:
     """DFD of P zero-padded curve pairs a (N, 2, P), b (M, 2, P) with true lengths n, m -> (P,).
 
     The Eiter-Mannila recurrence ``ca[i, j] = max(d[i, j], min(ca[i-1, j], ca[i, j-1], ca[i-1, j-1]))``
@@ -149,19 +185,14 @@ def _frechet_batch(a: np.ndarray, b: np.ndarray, n: np.ndarray, m: np.ndarray, m
     """
     N, M, P = a.shape[0], b.shape[0], a.shape[2]
     K = N + M - 1
-    # Cost grid (N, W, P) with W = K columns, columns >= M set to inf. In the flat buffer, cell
-    # (i, k - i) sits at k + i * (W - 1), so a strided view reads anti-diagonals without a copy; for
-    # i > k that address falls in row i - 1 at a column >= M, i.e. on inf (off-grid cells never couple).
-    grid = np.full((N, K, P), np.inf)
-    _cost_into(grid[:, :M], a, b, metric)
-    item = grid.itemsize
-    skew = np.lib.stride_tricks.as_strided(grid, shape=(K, N, P), strides=(P * item, (K - 1) * P * item, item), writeable=False)
+    # A grid that would exceed max_cells (one curve of thousands of frames) is streamed instead.
+    diagonals = _diagonals_from_grid(a, b, metric) if N * K * P <= max_cells else _StreamedDiagonals(a, b, metric)
 
     end_k = n + m - 2  # the diagonal holding each pair's answer
     finished = {int(k): np.flatnonzero(end_k == k) for k in np.unique(end_k)}
     out = np.empty(P)
     prev2 = np.full((N, P), np.inf)
-    prev = skew[0].copy()  # diagonal 0 is the single cell (0, 0)
+    prev = np.array(diagonals[0])  # diagonal 0 is the single cell (0, 0)
     cur = np.empty((N, P))
     for k in range(1, K + 1):
         done = finished.get(k - 1)
@@ -173,7 +204,7 @@ def _frechet_batch(a: np.ndarray, b: np.ndarray, n: np.ndarray, m: np.ndarray, m
         np.minimum(prev[:-1], prev2[:-1], out=cur[1:])
         np.minimum(cur[1:], prev[1:], out=cur[1:])
         cur[0] = prev[0]
-        np.maximum(cur, skew[k], out=cur)
+        np.maximum(cur, diagonals[k], out=cur)
         prev2, prev, cur = prev, cur, prev2
     return _chord2_to_km(out) if metric == "km" else out
 
@@ -181,8 +212,9 @@ def _frechet_batch(a: np.ndarray, b: np.ndarray, n: np.ndarray, m: np.ndarray, m
 def discrete_frechet_many(curves_a: Sequence, curves_b: Sequence, metric: str = "deg", max_cells: int = 1 << 21) -> np.ndarray:
     """DFD of each pair ``(curves_a[p], curves_b[p])`` -> (P,); curves are (n, 2) (lat, lon), any lengths.
 
-    Pairs are sorted by size and run in batches of about ``max_cells`` DP cells, so many short curves
-    cost a few hundred numpy calls in total instead of a Python loop over every cell.
+    Pairs are sorted by size and run in batches of about ``max_cells`` DP cells (8 bytes each), so
+    many short curves cost a few hundred numpy calls in total instead of a Python loop over every
+    cell; a single pair larger than that is computed diagonal by diagonal in O(n) memory.
     """
     _check_metric(metric)
     if len(curves_a) != len(curves_b):
@@ -208,7 +240,7 @@ def discrete_frechet_many(curves_a: Sequence, curves_b: Sequence, metric: str = 
         for col, p in enumerate(sel):
             a[: n[p], :, col] = A[p]
             b[: m[p], :, col] = B[p]
-        out[sel] = _frechet_batch(a, b, n[sel], m[sel], metric)
+        out[sel] = _frechet_batch(a, b, n[sel], m[sel], metric, max_cells)
         start = stop
     return out
 
