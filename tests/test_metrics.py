@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -118,8 +120,10 @@ def test_frechet_rejects_bad_curves():
         discrete_frechet(np.zeros((0, 2)), np.zeros((3, 2)))
     with pytest.raises(ValueError, match="NaN"):
         discrete_frechet([[0, np.nan]], [[0, 0]])
-    with pytest.raises(ValueError, match=r"curves_b\[0\]\[1\]"):
+    with pytest.raises(ValueError, match=r"b\[1\] = \[95.0, 0.0\]"):
         discrete_frechet([[0, 0]], [[0, 0], [95, 0]], "km")
+    with pytest.raises(ValueError, match=r"curves_a\[1\] contains NaN"):
+        discrete_frechet_many([np.zeros((1, 2)), [[np.nan, 0.0]]], [np.zeros((1, 2))] * 2)
     with pytest.raises(ValueError, match="metric must be one of"):
         discrete_frechet([[0, 0]], [[0, 0]], "miles")
     with pytest.raises(ValueError, match="as many curves"):
@@ -230,6 +234,7 @@ def tiny_predictions() -> pl.DataFrame:
 
 def test_evaluate_tiny_hand_made_frame():
     out = evaluate(tiny_predictions())
+    assert json.loads(json.dumps(out)) == out  # goes straight into metrics/eval.json
     far_km = 0.98 * KM_PER_DEG_LAT  # 0.98° of longitude on the equator
     s2_km = float(haversine_km(10.0, 20.5, 10.0, 20.0))
     assert set(out) == {"frame", "video", "trajectory", "n_frames", "n_sequences", "n_frames_excluded"}

@@ -251,7 +251,8 @@ def discrete_frechet(a, b, metric: str = "deg") -> float:
     ``deg``: Euclidean in degrees (paper's unit, equals ``similaritymeasures.frechet_dist``);
     ``km``: great-circle. Two single points give their distance.
     """
-    return float(discrete_frechet_many([a], [b], metric)[0])
+    _check_metric(metric)
+    return float(discrete_frechet_many([_as_curve(a, "a", metric)], [_as_curve(b, "b", metric)], metric)[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,7 +297,7 @@ def range_differences(seqs_a: Sequence, seqs_b: Sequence, metric: str = "deg") -
     """Range difference (Eq. 7) of each sequence pair, mean over lat and lon -> (S,).
 
     Eq. 7 is 1-D; the paper adapts it to 2-D by computing it per dimension and taking the mean.
-    A single-point sequence has range 0.
+    Sequences are (n, 2) (lat, lon) in degrees, of any lengths; a single point has range 0.
     """
     _check_metric(metric)
     if isinstance(seqs_a, np.ndarray) or isinstance(seqs_b, np.ndarray):
@@ -326,7 +327,7 @@ def mean_range_difference(seqs_a: Sequence, seqs_b: Sequence, metric: str = "deg
 def _first_bad_row(df: pl.DataFrame, mask: np.ndarray) -> str:
     r = int(np.flatnonzero(mask)[0])
     row = df.row(r, named=True)
-    return f"row {r} (sequence_id={row['sequence_id']!r}, frame_index={row['frame_index']})"
+    return f"row (sequence_id={row['sequence_id']!r}, frame_index={row['frame_index']})"  # sorted: name, not number
 
 
 def _prepare(predictions: pl.DataFrame) -> pl.DataFrame:
