@@ -36,14 +36,26 @@ class TempGeo(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, cfg.tempgeo_layers, norm=nn.LayerNorm(width), enable_nested_tensor=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def positions(self, t: int) -> torch.Tensor:
-        if t <= self.pos.shape[0]:
-            return self.pos[:t]
-        table = self.pos.T.unsqueeze(0)  # (1, D, P)
-        return F.interpolate(table, size=t, mode="linear", align_corners=True)[0].T  # (T, D)
+    def positions(self, t: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Position embeddings (B, T, D) for sequences of true ``lengths`` (B,) padded to ``t`` (default: all t).
+
+        Interpolation uses each sequence's own length, so padding never changes the real frames' positions.
+        """
+        p = self.pos.shape[0]
+        if lengths is None:
+            lengths = torch.full((1,), t, device=self.pos.device)
+        steps = torch.arange(t, device=self.pos.device, dtype=self.pos.dtype)[None, :]  # (1, T)
+        scale = ((p - 1) / (lengths.to(self.pos.dtype) - 1).clamp(min=1))[:, None]  # (B, 1)
+        frac = torch.where(lengths[:, None] > p, steps * scale, steps).clamp(max=p - 1)  # (B, T) table coordinate
+        lo = frac.floor().long()
+        hi = (lo + 1).clamp(max=p - 1)
+        w = (frac - lo.to(frac.dtype))[..., None]  # (B, T, 1)
+        return self.pos[lo] * (1 - w) + self.pos[hi] * w  # (B, T, D)
 
     def forward(self, z: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.dropout(z + self.positions(z.shape[1]))  # (B, T, D)
+        t = z.shape[1]
+        lengths = None if pad_mask is None else (~pad_mask).sum(dim=1)  # padding sits at the end
+        x = self.dropout(z + self.positions(t, lengths))  # (B, T, D)
         return self.encoder(x, src_key_padding_mask=pad_mask)  # (B, T, D)
 
 
