@@ -1,0 +1,128 @@
+"""vidtag.inference: two-stage inference (Fig. 5) over padded batches of sequences, from a real bundle."""
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vidtag.inference import InferenceConfig, InferenceError, offsets_from_sequence_ids, predict_sequences
+from vidtag.models import VidTAGConfig, build_models, load_bundle, save_bundle
+from vidtag.models.bundle import Bundle
+
+DC, DD = 8, 12
+
+TINY_MODEL = {
+    "frame": {"clip_dim": DC, "dino_dim": DD, "tempgeo_heads": 2, "tempgeo_ff_dim": 32, "mlp_dims": [16], "out_dim": 16, "max_positions": 4},
+    "location": {"rff_dim": 8, "hidden_dim": 16, "n_hidden": 1, "out_dim": 16, "pretrained": False},
+    "refiner": {"width": 16, "heads": 2, "ff_dim": 32},
+}
+
+
+def tiny_bundle(directory, gallery_latlon, backbones=None, seed=0):
+    """An untrained but complete bundle written with save_bundle and read back with load_bundle."""
+    cfg = VidTAGConfig.from_dict(TINY_MODEL)
+    frame, loc, refiner = build_models(cfg, seed=seed)
+    gallery_file = directory.parent / f"{directory.name}-gallery.parquet"
+    pl.DataFrame({"lat": gallery_latlon[:, 0], "lon": gallery_latlon[:, 1]}).write_parquet(gallery_file)
+    config = {"model": cfg.to_dict(), "backbones": backbones, "feature_dims": {"clip": DC, "dino": DD}}
+    save_bundle(directory, Bundle(frame, loc, refiner, torch.tensor(2.0), config, gallery_file))
+    return load_bundle(directory, "cpu")
+
+
+def grid(n=12):
+    lat, lon = np.meshgrid(np.linspace(47.30, 47.40, n), np.linspace(8.45, 8.60, n), indexing="ij")
+    return np.stack([lat.ravel(), lon.ravel()], axis=1)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return tiny_bundle(tmp_path_factory.mktemp("b") / "model", grid())
+
+
+def features(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    n = int(sum(lengths))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return rng.normal(size=(n, DC)).astype(np.float16), rng.normal(size=(n, DD)).astype(np.float16), offsets
+
+
+def reference_one_sequence(bundle, clip, dino, gallery):
+    """Fig. 5 written out for a single sequence, no batching or padding, brute-force argmax."""
+    with torch.no_grad():
+        c = torch.tensor(clip, dtype=torch.float32)[None]
+        d = torch.tensor(dino, dtype=torch.float32)[None]
+        frame_emb = bundle.frame_encoder(c, d)  # (1, T, E)
+        gal_raw = bundle.location_encoder(torch.tensor(gallery, dtype=torch.float32))  # (G, E)
+        gal = F.normalize(gal_raw, dim=-1)
+        i1 = (frame_emb[0] @ gal.T).argmax(dim=1)
+        gps_emb = bundle.location_encoder(torch.tensor(gallery[i1.numpy()], dtype=torch.float32))[None]  # re-embedded
+        refined = bundle.refiner(frame_emb, gps_emb)
+        i2 = (refined[0] @ gal.T).argmax(dim=1)
+    return gallery[i1.numpy()], gallery[i2.numpy()]
+
+
+def test_matches_fig5_written_out_for_each_sequence(bundle, tmp_path):
+    gallery = grid()
+    clip, dino, offsets = features([5, 1, 9, 3])
+    out = predict_sequences(bundle, clip, dino, None, offsets, sequence_ids=["a", "b", "c", "d"], cache_dir=tmp_path, device="cpu")
+    assert out.columns == ["sequence_id", "frame_index", "lat", "lon", "phase1_lat", "phase1_lon", "confidence", "valid"]
+    assert out["sequence_id"].to_list() == ["a"] * 5 + ["b"] + ["c"] * 9 + ["d"] * 3
+    assert out["frame_index"].to_list() == [*range(5), 0, *range(9), *range(3)]
+    for s in range(4):
+        sl = slice(offsets[s], offsets[s + 1])
+        p1, p2 = reference_one_sequence(bundle, clip[sl], dino[sl], gallery)
+        rows = out[sl]
+        np.testing.assert_allclose(rows.select("phase1_lat", "phase1_lon").to_numpy(), p1)
+        np.testing.assert_allclose(rows.select("lat", "lon").to_numpy(), p2)
+    assert len(list(tmp_path.glob("gallery_emb-*.npy"))) == 1  # embedded once, cached
+
+
+def test_batching_and_padding_do_not_change_predictions(bundle):
+    clip, dino, offsets = features([7, 2, 11, 1, 4, 6], seed=1)
+    one_batch = predict_sequences(bundle, clip, dino, None, offsets, cfg=InferenceConfig(batch_frames=10_000), device="cpu")
+    many = predict_sequences(bundle, clip, dino, None, offsets, cfg=InferenceConfig(batch_frames=11), device="cpu")
+    assert one_batch.select("lat", "lon", "phase1_lat", "phase1_lon").equals(many.select("lat", "lon", "phase1_lat", "phase1_lon"))
+    np.testing.assert_allclose(one_batch["confidence"], many["confidence"], atol=1e-5)
+
+
+def test_confidence_is_a_probability_and_one_with_a_single_candidate(bundle):
+    clip, dino, offsets = features([6, 3], seed=2)
+    out = predict_sequences(bundle, clip, dino, None, offsets, device="cpu", cfg=InferenceConfig(k=50, confidence_radius_km=0.5))
+    c = out["confidence"].to_numpy()
+    assert ((c > 0) & (c <= 1)).all()
+    wide = predict_sequences(bundle, clip, dino, None, offsets, device="cpu", cfg=InferenceConfig(k=50, confidence_radius_km=100.0))
+    np.testing.assert_allclose(wide["confidence"], 1.0, rtol=1e-5)  # every candidate lies within 100 km
+    single = predict_sequences(bundle, clip, dino, None, offsets, device="cpu", cfg=InferenceConfig(k=1))
+    np.testing.assert_allclose(single["confidence"], 1.0)
+
+
+def test_invalid_frames_are_ignored_and_filled_from_the_nearest_valid_frame(bundle):
+    clip, dino, offsets = features([6, 3, 2], seed=3)
+    valid = np.ones(11, bool)
+    valid[[2, 3]] = False  # two bad frames inside sequence 0
+    valid[9:11] = False  # sequence 2 has no readable frame at all
+    out = predict_sequences(bundle, clip, dino, valid, offsets, device="cpu")
+    clip2, dino2 = clip.copy(), dino.copy()
+    clip2[~valid], dino2[~valid] = np.nan, np.nan  # what an invalid frame holds must not matter
+    out2 = predict_sequences(bundle, clip2, dino2, valid, offsets, device="cpu")
+    assert out.equals(out2)
+    seq0 = out[:6]
+    assert seq0["valid"].to_list() == [True, True, False, False, True, True]
+    assert seq0["lat"][2] == seq0["lat"][1] and seq0["lat"][3] == seq0["lat"][4]  # nearest in time (tie -> earlier)
+    assert seq0["lon"][2] == seq0["lon"][1] and seq0["lon"][3] == seq0["lon"][4]
+    assert seq0["confidence"][2] == 0.0
+    assert out[9:]["lat"].is_null().all() and out[9:]["confidence"].to_list() == [0.0, 0.0]
+
+
+def test_features_that_do_not_fit_the_model_are_refused(bundle):
+    clip, dino, offsets = features([3])
+    with pytest.raises(InferenceError, match="backbones named in the bundle"):
+        predict_sequences(bundle, clip[:, :4], dino, None, offsets, device="cpu")
+    with pytest.raises(InferenceError, match="sequence_offsets"):
+        predict_sequences(bundle, clip, dino, None, np.array([0, 2]), device="cpu")
+
+
+def test_offsets_from_sorted_sequence_ids():
+    offsets, ids = offsets_from_sequence_ids(["x", "x", "y", "z", "z", "z"])
+    assert offsets.tolist() == [0, 2, 3, 6] and ids == ["x", "y", "z"]
