@@ -118,13 +118,12 @@ def video_rows(video: Path, root: Path, sequence_id: str, fps: float, split: str
     else:
         lat = lon = np.full(ts.shape, np.nan)
     rel = video.resolve().relative_to(root.resolve()).as_posix() if video.resolve().is_relative_to(root.resolve()) else str(video.resolve())
-    unknown = np.isnan(lat) & np.isnan(lon)
     return pl.DataFrame({
         "sequence_id": [sequence_id] * ts.size,
         "video_path": [rel] * ts.size,
         "timestamp_s": ts,
-        "lat": pl.Series(np.where(unknown, None, lat), dtype=pl.Float64) if ts.size else pl.Series([], dtype=pl.Float64),
-        "lon": pl.Series(np.where(unknown, None, lon), dtype=pl.Float64) if ts.size else pl.Series([], dtype=pl.Float64),
+        "lat": pl.Series(lat, dtype=pl.Float64).fill_nan(None),  # NaN from interpolation = unknown
+        "lon": pl.Series(lon, dtype=pl.Float64).fill_nan(None),
         "split": [split] * ts.size,
         "_file": [str(video)] * ts.size,
         "_row": pl.Series(np.arange(ts.size), dtype=pl.Int64),
