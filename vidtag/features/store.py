@@ -1,0 +1,255 @@
+"""The feature store: a Zarr v3 group, row i <-> manifest row i (DESIGN.md, Formats).
+
+Layout, and why:
+- ``clip (N, Dc)`` / ``dino (N, Dd)`` float16, ``valid (N,)`` bool. Training reads sequences of 16
+  consecutive rows at random positions, so inner chunks are small (``chunk_rows`` = 64 rows: 96 KiB of
+  CLIP + 128 KiB of DINOv2 at ViT-L/14 sizes) and a random sequence touches one or two of them. No
+  compression: float16 features are near-incompressible and decompression would only slow random reads.
+- Chunks are grouped into shards of ``shard_rows`` rows (4096: 6 + 8 MiB files at ViT-L/14 sizes), one
+  shard per array per *work unit*: 1M frames make ~750 files, not millions (DVC hashes it in seconds).
+  A writer only ever writes whole shards that it owns (zarr-python #3682: partial-shard writes from
+  several processes lose data), which is what makes ``--shard i/n`` safe.
+- ``done (n_units,)`` bool, one chunk file per unit, written only after that unit's shards; a killed
+  run redoes exactly the units without a ``done`` mark, so the result is byte-identical to a clean run.
+- Bad frames of a unit go to ``_bad/unit_<u>.json`` (written before ``done``); :meth:`FeatureStore.finalize`
+  gathers them into the attributes ``n_bad`` / ``bad_rows`` once every unit is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+BAD_DIR = "_bad"
+# Attributes that must match for a store to be reused (the rest are informational).
+KEY_ATTRS = ("format_version", "backbones", "preprocessing", "manifest_fingerprint", "n_rows", "dims", "shard_rows",
+             "chunk_rows")
+
+
+class FeatureStoreError(ValueError):
+    """A feature store that is missing, incomplete or made for other backbones / another manifest."""
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Row chunking of the store (see the module docstring for why these sizes)."""
+
+    shard_rows: int = 4096  # rows per shard = per work unit; hundreds of files per million frames
+    chunk_rows: int = 64  # rows per inner chunk = the unit of a random read
+
+    def __post_init__(self):
+        if self.chunk_rows < 1 or self.shard_rows < self.chunk_rows or self.shard_rows % self.chunk_rows:
+            raise ValueError(f"shard_rows ({self.shard_rows}) must be a positive multiple of chunk_rows "
+                             f"({self.chunk_rows})")
+
+
+@dataclass
+class Features:
+    """Features loaded into memory: ``clip (N, Dc)``, ``dino (N, Dd)`` float16, ``valid (N,)`` bool."""
+
+    clip: np.ndarray
+    dino: np.ndarray
+    valid: np.ndarray
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return (f"Features({len(self.valid)} rows, clip {self.clip.shape[1]}-d, dino {self.dino.shape[1]}-d, "
+                f"{int((~self.valid).sum())} invalid)")
+
+
+def store_key(backbone_fp: dict[str, Any], manifest_fp: str, n_rows: int, layout: StoreLayout) -> dict[str, Any]:
+    """The attributes a store is identified by; any difference means the store cannot be reused."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "backbones": {k: v for k, v in backbone_fp.items() if k != "preprocessing"},
+        "preprocessing": backbone_fp["preprocessing"],
+        "manifest_fingerprint": manifest_fp,
+        "n_rows": int(n_rows),
+        "dims": {"clip": backbone_fp["clip"]["dim"], "dino": backbone_fp["dino"]["dim"]},
+        "shard_rows": layout.shard_rows,
+        "chunk_rows": layout.chunk_rows,
+    }
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the keys whose values differ (for a readable refusal)."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _normalise_json(obj: Any) -> Any:
+    """What the object reads back as after a JSON round trip (tuples become lists, ...)."""
+    return json.loads(json.dumps(obj))
+
+
+class FeatureStore:
+    """An open feature store: which units exist, which are done, and whole-unit writes."""
+
+    def __init__(self, path: str | os.PathLike):
+        import zarr
+
+        self.path = Path(path)
+        try:
+            self.group = zarr.open_group(str(self.path), mode="r+")
+        except Exception as e:
+            raise FeatureStoreError(f"{self.path} is not a vidtag feature store ({type(e).__name__}: {e}); "
+                                    "delete it or extract again with --force") from None
+        missing = [a for a in ("clip", "dino", "valid", "done") if a not in self.group]
+        if missing:
+            raise FeatureStoreError(f"{self.path} lacks array(s) {missing}; it is not a complete vidtag feature "
+                                    "store; delete it or extract again with --force")
+        self.attrs = dict(self.group.attrs)
+        self.n_rows = int(self.attrs["n_rows"])
+        self.shard_rows = int(self.attrs["shard_rows"])
+        self.n_units = int(self.group["done"].shape[0])
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, key: dict[str, Any], *, info: dict[str, Any] | None = None) -> "FeatureStore":
+        """Create an empty store atomically: built beside ``path``, then renamed into place.
+
+        If another process (another ``--shard``) created it first, that store is opened instead.
+        """
+        import zarr
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        n, sr, cr = key["n_rows"], key["shard_rows"], key["chunk_rows"]
+        n_units = max(1, -(-n // sr))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+            for name, dim in (("clip", key["dims"]["clip"]), ("dino", key["dims"]["dino"])):
+                g.create_array(name, shape=(n, dim), dtype="float16", chunks=(cr, dim), shards=(sr, dim),
+                               compressors=None, fill_value=0.0)
+            g.create_array("valid", shape=(n,), dtype="bool", chunks=(cr,), shards=(sr,), fill_value=False)
+            g.create_array("done", shape=(n_units,), dtype="bool", chunks=(1,), fill_value=False)
+            g.attrs.update({**key, **(info or {}), "n_units": n_units, "complete": False, "n_bad": None,
+                            "bad_rows": None})
+            (tmp / BAD_DIR).mkdir()
+            try:
+                os.rename(tmp, path)  # fails if another process got there first (non-empty target)
+            except OSError:
+                if not path.exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cls(path)
+
+    # -- keys -----------------------------------------------------------------------------------
+
+    def key(self) -> dict[str, Any]:
+        return {k: self.attrs.get(k) for k in KEY_ATTRS}
+
+    def check_key(self, key: dict[str, Any]) -> None:
+        """Refuse to mix: raise unless the store was made with exactly this key."""
+        want = _normalise_json(key)
+        diff = _diff(self.key(), want)
+        if diff:
+            raise FeatureStoreError(
+                f"{self.path} was extracted with different settings ({', '.join(diff)} differ) and cannot be "
+                "reused or mixed; extract again with --force (vidtag extract --force, or delete the store) "
+                "to rebuild it for the current manifest and backbones")
+
+    # -- units ----------------------------------------------------------------------------------
+
+    def unit_rows(self, u: int) -> tuple[int, int]:
+        return u * self.shard_rows, min((u + 1) * self.shard_rows, self.n_rows)
+
+    def done_mask(self) -> np.ndarray:
+        return np.asarray(self.group["done"][:], dtype=bool)
+
+    def clean_unit(self, u: int) -> None:
+        """Remove what a killed writer of unit ``u`` may have left (zarr's ``*.partial`` temp files, ours)."""
+        for name in ("clip", "dino", "valid", "done"):
+            d = self.path / name / "c"
+            if d.is_dir():
+                for p in d.glob(f"{u}.*.partial"):
+                    p.unlink(missing_ok=True)
+                for p in (d / str(u)).glob("*.partial") if (d / str(u)).is_dir() else ():
+                    p.unlink(missing_ok=True)
+        (self.path / BAD_DIR / f".unit_{u:06d}.json.tmp").unlink(missing_ok=True)
+
+    def write_unit(self, u: int, clip: np.ndarray, dino: np.ndarray, valid: np.ndarray,
+                   bad: list[tuple[int, str]]) -> None:
+        """Write unit ``u`` whole (its shards, then its bad list), then mark it done."""
+        start, stop = self.unit_rows(u)
+        if clip.shape[0] != stop - start or dino.shape[0] != stop - start or valid.shape[0] != stop - start:
+            raise ValueError(f"unit {u} covers rows {start}:{stop} but got {clip.shape[0]} rows")
+        self.group["clip"][start:stop] = clip.astype(np.float16)
+        self.group["dino"][start:stop] = dino.astype(np.float16)
+        self.group["valid"][start:stop] = valid.astype(bool)
+        bad_path = self.path / BAD_DIR / f"unit_{u:06d}.json"
+        if bad:
+            tmp = bad_path.with_name(f".{bad_path.name}.tmp")
+            tmp.write_text(json.dumps([{"row": int(r), "reason": str(m)} for r, m in bad], indent=1) + "\n")
+            os.replace(tmp, bad_path)
+        else:
+            bad_path.unlink(missing_ok=True)
+        self.group["done"][u] = True
+
+    def finalize(self) -> dict[str, Any] | None:
+        """Once every unit is done: gather bad rows into the attributes and mark the store complete."""
+        if not self.done_mask().all():
+            return None
+        bad: list[dict[str, Any]] = []
+        for p in sorted((self.path / BAD_DIR).glob("unit_*.json")):
+            bad += json.loads(p.read_text())
+        bad.sort(key=lambda b: b["row"])
+        summary = {"complete": True, "n_bad": len(bad), "bad_rows": bad}
+        if any(self.attrs.get(k) != v for k, v in summary.items()):
+            self.group.attrs.update(summary)
+            self.attrs = dict(self.group.attrs)
+        return summary
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+
+def open_store(path: str | os.PathLike, key: dict[str, Any], *, overwrite: bool = False,
+               info: dict[str, Any] | None = None) -> tuple[FeatureStore, str]:
+    """Open the store at ``path`` for ``key``, creating it if absent; returns (store, "created"|"resumed"|"complete").
+
+    A store with another key is refused unless ``overwrite``, which deletes and recreates it.
+    """
+    path = Path(path)
+    if path.exists() and overwrite:
+        shutil.rmtree(path)
+    if not path.exists():
+        return FeatureStore.create(path, key, info=info), "created"
+    store = FeatureStore(path)
+    store.check_key(key)
+    return store, "complete" if store.complete else "resumed"
+
+
+def load_features(path: str | os.PathLike, expect_fingerprint: str | None = None) -> Features:
+    """Read a complete store into memory; ``expect_fingerprint`` (a manifest fingerprint) guards against mix-ups."""
+    path = Path(path)
+    if not path.exists():
+        raise FeatureStoreError(f"feature store {path} does not exist; run `vidtag extract` (or `dvc repro extract`)")
+    store = FeatureStore(path)
+    if not store.complete:
+        left = int((~store.done_mask()).sum())
+        raise FeatureStoreError(f"feature store {path} is incomplete ({left} of {store.n_units} units not extracted); "
+                                "run the extraction again to finish it")
+    if expect_fingerprint is not None and store.attrs.get("manifest_fingerprint") != expect_fingerprint:
+        raise FeatureStoreError(f"feature store {path} was extracted from another manifest (fingerprint "
+                                f"{str(store.attrs.get('manifest_fingerprint'))[:12]}..., expected "
+                                f"{expect_fingerprint[:12]}...); extract again with --force")
+    g = store.group
+    return Features(np.asarray(g["clip"][:]), np.asarray(g["dino"][:]), np.asarray(g["valid"][:], dtype=bool),
+                    dict(store.attrs))
