@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -184,6 +185,7 @@ def train_phase1(
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
 
     run_config = {"model": model_cfg.to_dict(), "train": asdict(cfg), "data": _data_key(features, train)}
+    run_config = json.loads(json.dumps(run_config))  # compare as stored: tuples become lists
     step, start_epoch, metrics = 0, 0, {}
     ckpt = load_checkpoint(ckpt_dir, device)
     if ckpt is not None:
@@ -217,7 +219,7 @@ def train_phase1(
             optimizer.step()
             step += 1
             losses.append(loss.item())
-        metrics = {"train_loss": float(np.mean(losses)), "logit_scale": float(model.logit_scale.exp()), "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.perf_counter() - t0}
+        metrics = {"train_loss": float(np.mean(losses)), "logit_scale": float(model.logit_scale.detach().exp()), "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.perf_counter() - t0}
         last = epoch + 1 == cfg.epochs
         if len(val) and ((cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last):
             metrics.update({f"val_{k}": v for k, v in evaluate_phase1(model, data, val, gallery, cfg.eval_max_frames).items()})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -144,6 +145,7 @@ def train_phase2(
     refiner = GeoRefiner(refiner_cfg).to(device)
     optimizer = torch.optim.Adam(refiner.parameters(), lr=cfg.lr)
     run_config = {"model": model_cfg.to_dict(), "train": asdict(cfg), "phase1_data": p1_config["data"]}
+    run_config = json.loads(json.dumps(run_config))  # compare as stored: tuples become lists
     step, start_epoch, metrics = 0, 0, {}
     ckpt = load_checkpoint(checkpoint_dir, device)
     if ckpt is not None:
