@@ -14,7 +14,7 @@ import natsort
 import polars as pl
 
 from vidtag.data.manifest import ManifestError, SPLITS
-from vidtag.data.report import finalize, flag, flag_bad_coords, flag_duplicates, flag_missing_files
+from vidtag.data.report import finalize, flag, flag_bad_coords, flag_duplicates
 from vidtag.data.split import split_sequences
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
