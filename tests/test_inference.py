@@ -19,13 +19,14 @@ TINY_MODEL = {
 }
 
 
-def tiny_bundle(directory, gallery_latlon, backbones=None, seed=0):
+def tiny_bundle(directory, gallery_latlon, backbones=None, seed=0, dims=(DC, DD)):
     """An untrained but complete bundle written with save_bundle and read back with load_bundle."""
-    cfg = VidTAGConfig.from_dict(TINY_MODEL)
+    model = {**TINY_MODEL, "frame": {**TINY_MODEL["frame"], "clip_dim": dims[0], "dino_dim": dims[1]}}
+    cfg = VidTAGConfig.from_dict(model)
     frame, loc, refiner = build_models(cfg, seed=seed)
     gallery_file = directory.parent / f"{directory.name}-gallery.parquet"
     pl.DataFrame({"lat": gallery_latlon[:, 0], "lon": gallery_latlon[:, 1]}).write_parquet(gallery_file)
-    config = {"model": cfg.to_dict(), "backbones": backbones, "feature_dims": {"clip": DC, "dino": DD}}
+    config = {"model": cfg.to_dict(), "backbones": backbones, "feature_dims": {"clip": dims[0], "dino": dims[1]}}
     save_bundle(directory, Bundle(frame, loc, refiner, torch.tensor(2.0), config, gallery_file))
     return load_bundle(directory, "cpu")
 

@@ -167,6 +167,62 @@ def gallery_show(path: _Path) -> None:
 # --- predict / evaluate (vidtag.inference) -----------------------------------------------------
 
 
+def _default_cache_dir():
+    import os
+    from pathlib import Path
+
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vidtag"
+
+
+@app.command()
+def predict(
+    input: _Path = typer.Argument(..., help="A video file (mp4/mov/avi/mkv) or a folder of frames in natural order."),
+    model: _Path = typer.Option(..., "--model", "-m", help="Model bundle directory (e.g. cache/model)."),
+    out: _Path = typer.Option(..., "--out", "-o", help="CSV to write: frame_index,timestamp_s,lat,lon,phase1_lat,phase1_lon,confidence,valid."),
+    map_path: _Opt[_Path] = typer.Option(None, "--map", help="Also draw the trajectory: a PNG, or an interactive map if it ends in .html."),
+    fps: float = typer.Option(1.0, help="Frames sampled per second of video (ignored for a folder)."),
+    device: str = typer.Option("auto", help="auto (GPU when available), cpu, cuda, cuda:1, ..."),
+    batch_size: int = typer.Option(32, help="Frames per backbone forward pass."),
+    cache_dir: _Opt[_Path] = typer.Option(None, help="Where gallery embeddings are cached [default: $XDG_CACHE_HOME/vidtag]."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Geolocate every frame of a video (or a folder of frames) with a trained model bundle."""
+    import time
+
+    from vidtag.inference import InferenceError, PredictError, predict_input
+    from vidtag.io import atomic_path
+    from vidtag.models.bundle import BundleError, load_bundle
+    from vidtag.retrieval import GalleryCacheError, RetrievalError
+
+    if fps <= 0:
+        fail(f"--fps must be > 0, got {fps}")
+    if not input.exists():
+        fail(f"{input} does not exist; expected a video file or a folder of frames")
+    t0 = time.perf_counter()
+    try:
+        from vidtag.inference import resolve_device
+
+        dev = resolve_device(device)
+        bundle = load_bundle(model, dev)
+        df = predict_input(input, bundle, fps=fps, device=dev, batch_size=batch_size,
+                           cache_dir=cache_dir or _default_cache_dir(), progress=progress)
+    except (PredictError, InferenceError, BundleError, RetrievalError, GalleryCacheError) as e:
+        fail(str(e))
+    with atomic_path(out) as tmp:
+        df.write_csv(tmp, float_precision=7)
+    if map_path is not None:
+        from vidtag.viz import trajectory_map
+
+        try:
+            trajectory_map(map_path, df["lat"].to_numpy(), df["lon"].to_numpy(), title=input.name,
+                           confidence=df["confidence"].to_numpy(), phase1=(df["phase1_lat"].to_numpy(), df["phase1_lon"].to_numpy()))
+        except ValueError as e:
+            fail(f"could not draw {map_path}: {e}")
+    n_bad = int((~df["valid"]).sum())
+    typer.echo(f"{df.height} frames ({n_bad} unreadable) -> {out}" + (f", map {map_path}" if map_path else "")
+               + f" in {time.perf_counter() - t0:.1f} s; median confidence {df['confidence'].median():.2f}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
