@@ -1,0 +1,145 @@
+"""vidtag.features.backbones: the tiny preset is a real, seeded, frozen dual encoder; real weights fail clearly offline."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vidtag.features.backbones import (
+    DINOV2_LARGE,
+    BackboneConfig,
+    BackboneError,
+    Preprocessor,
+    build_backbones,
+)
+
+TINY = BackboneConfig(preset="tiny", image_size=32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_backbones(TINY)
+
+
+def _image(h=40, w=56, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def test_tiny_dims_frozen_and_eval(tiny):
+    assert tiny.dims == (32, 48)
+    assert not any(p.requires_grad for p in tiny.parameters())
+    tiny.train()  # asking for training mode changes nothing: the backbones stay frozen in eval
+    assert not tiny.training and not tiny.clip.training and not tiny.dino.training
+
+
+def test_same_seed_same_weights_and_features_other_seed_differs(tiny):
+    again = build_backbones(TINY)
+    other = build_backbones(BackboneConfig(preset="tiny", image_size=32, seed=1))
+    assert again.weights_sha256() == tiny.weights_sha256()
+    assert other.weights_sha256()["clip"] != tiny.weights_sha256()["clip"]
+    c, d = tiny.preprocess(_image())
+    a_clip, a_dino = tiny.encode(c[None], d[None])
+    b_clip, b_dino = again.encode(c[None], d[None])
+    assert torch.equal(a_clip, b_clip) and torch.equal(a_dino, b_dino)
+    assert not torch.equal(a_clip, other.encode(c[None], d[None])[0])
+
+
+def test_building_does_not_move_the_callers_rng():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_backbones(TINY)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_preprocess_gives_two_uint8_crops_from_one_image(tiny):
+    c, d = tiny.preprocess(_image(40, 56).convert("L"))  # greyscale in, RGB out
+    assert c.shape == d.shape == (3, 32, 32) and c.dtype == d.dtype == torch.uint8
+    pp = tiny.fingerprint()["preprocessing"]
+    assert pp["clip"]["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])  # CLIP's own statistics
+    assert pp["dino"]["mean"] == pytest.approx([0.485, 0.456, 0.406])  # ImageNet, DINOv2's processor
+    assert pp["dino"]["resize_px"] == round(32 * 256 / 224) and pp["clip"]["resize_px"] == 32
+    # DINOv2 resizes larger then crops, so its crop sees less of the frame than CLIP's.
+    assert not torch.equal(c, d)
+
+
+def test_encode_matches_float_input_and_is_deterministic(tiny):
+    imgs = [tiny.preprocess(_image(seed=s)) for s in range(3)]
+    clip_u8 = torch.stack([c for c, _ in imgs])
+    dino_u8 = torch.stack([d for _, d in imgs])
+    f1 = tiny.encode(clip_u8, dino_u8)
+    f2 = tiny.encode(clip_u8.float() / 255.0, dino_u8.float() / 255.0)
+    assert f1[0].shape == (3, 32) and f1[1].shape == (3, 48) and f1[0].dtype == torch.float32
+    assert torch.allclose(f1[0], f2[0], atol=1e-6) and torch.allclose(f1[1], f2[1], atol=1e-6)
+    assert torch.equal(tiny.encode(clip_u8, dino_u8)[1], f1[1])
+
+
+def test_dino_output_is_pooler_output_the_normed_cls(tiny):
+    _, d = tiny.preprocess(_image())
+    x = (d[None].float() / 255 - tiny.dino_mean) / tiny.dino_std
+    out = tiny.dino(pixel_values=x)
+    assert torch.allclose(tiny.encode(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), d[None])[1], out.pooler_output)
+    assert torch.allclose(out.pooler_output, out.last_hidden_state[:, 0])  # HF: layernormed CLS
+
+
+def test_fingerprint_names_weights_dims_and_dtype(tiny):
+    fp = tiny.fingerprint()
+    assert fp["clip"]["dim"] == 32 and fp["dino"]["dim"] == 48
+    assert fp["clip"]["weights"] == "random(seed=0)" and len(fp["clip"]["weights_sha256"]) == 64
+    assert fp["compute_dtype"] == "float32"
+    tiny.set_precision(True)  # bf16 is a CUDA-only setting: on CPU the features stay fp32
+    assert tiny.fingerprint()["compute_dtype"] == "float32"
+
+
+def test_preprocessor_pickles_for_worker_processes(tiny):
+    clone = pickle.loads(pickle.dumps(tiny.preprocessor))
+    assert isinstance(clone, Preprocessor)
+    img = _image()
+    assert all(torch.equal(a, b) for a, b in zip(clone(img), tiny.preprocess(img)))
+
+
+def test_config_from_params_form():
+    cfg = BackboneConfig.from_dict({"preset": "tiny", "clip": {"arch": "ViT-B-16", "pretrained": "openai"},
+                                    "dino": {"name": "/models/dinov2"}, "image_size": 64})
+    assert (cfg.clip_arch, cfg.dino_name, cfg.image_size) == ("ViT-B-16", "/models/dinov2", 64)
+    with pytest.raises(ValueError, match="unknown backbone setting"):
+        BackboneConfig.from_dict({"preset": "tiny", "batch_sizee": 3})
+    with pytest.raises(ValueError, match="must be one of"):
+        BackboneConfig(preset="huge")
+
+
+def test_missing_clip_checkpoint_file_says_where_to_put_it(tmp_path):
+    cfg = BackboneConfig(preset="real", clip_pretrained=str(tmp_path / "ViT-L-14.safetensors"))
+    with pytest.raises(BackboneError, match="does not exist.*local open_clip checkpoint"):
+        build_backbones(cfg)
+
+
+def test_missing_dino_weights_offline_say_where_to_put_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from vidtag.features import backbones
+
+    with pytest.raises(BackboneError) as err:
+        backbones._build_dino(BackboneConfig(preset="real", dino_name=str(tmp_path / "no-dinov2")))
+    msg = str(err.value)
+    assert "HF_HOME" in msg and "backbone.dino.name" in msg and "preset=tiny" in msg
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # one clear error, no traceback soup
+
+
+def test_real_arch_dino_config_is_dinov2_large():
+    from transformers import Dinov2Config
+
+    c = Dinov2Config(**DINOV2_LARGE)
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.patch_size) == (1024, 24, 16, 14)
+
+
+def test_missing_clip_tag_weights_offline_say_where_to_put_them(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from vidtag.features import backbones
+
+    with pytest.raises(BackboneError) as err:  # ViT-B-32: the smallest arch with an 'openai' tag
+        backbones._build_clip(BackboneConfig(preset="real", clip_arch="ViT-B-32", clip_pretrained="openai"))
+    msg = str(err.value)
+    assert "Hugging Face cache" in msg and "backbone.clip.pretrained" in msg and "preset=tiny" in msg
