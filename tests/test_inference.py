@@ -129,3 +129,42 @@ def test_features_that_do_not_fit_the_model_are_refused(bundle):
 def test_offsets_from_sorted_sequence_ids():
     offsets, ids = offsets_from_sequence_ids(["x", "x", "y", "z", "z", "z"])
     assert offsets.tolist() == [0, 2, 3, 6] and ids == ["x", "y", "z"]
+
+
+# --- evaluation run (vidtag.evaluation) on top of the same inference ---------------------------
+
+
+def test_evaluation_run_writes_metrics_table_and_plots(bundle, tmp_path):
+    from types import SimpleNamespace
+
+    from vidtag.evaluation import EvalConfig, run_evaluation, summary, write_reports
+
+    lengths = [4, 3, 5, 2]
+    clip, dino, _ = features(lengths, seed=5)
+    valid = np.ones(len(clip), bool)
+    valid[12:14] = False  # the last sequence is unreadable: filled, counted, not dropped
+    gallery = grid()
+    rng = np.random.default_rng(0)
+    gt = gallery[rng.integers(0, len(gallery), len(clip))]
+    manifest = pl.DataFrame({
+        "sequence_id": [s for s, n in zip("abcd", lengths) for _ in range(n)],
+        "frame_index": np.concatenate([np.arange(n) for n in lengths]).astype(np.int32),
+        "lat": gt[:, 0], "lon": gt[:, 1],
+        "split": ["train"] * 4 + ["val"] * 10,
+    })
+    feats = SimpleNamespace(clip=clip, dino=dino, valid=valid)
+    res = run_evaluation(bundle, feats, manifest, EvalConfig(device="cpu"), cache_dir=tmp_path / "emb")
+    p = res.predictions
+    assert p["sequence_id"].unique(maintain_order=True).to_list() == ["b", "c", "d"]  # only the val split
+    assert p.columns[:10] == ["sequence_id", "frame_index", "lat", "lon", "gt_lat", "gt_lon", "phase1_lat", "phase1_lon", "confidence", "valid"]
+    assert p["lat"].is_not_null().all()
+    assert res.metrics["n_frames"] == 10 and res.metrics["n_frames_unpredicted"] == 2 == res.metrics["n_frames_invalid"]
+    assert set(res.metrics["phase1"]) == {"frame", "video", "trajectory"}
+    assert res.sequences["sequence_id"].to_list() == ["b", "c", "d"]
+    written = write_reports(res, predictions=tmp_path / "pred.parquet", metrics=tmp_path / "m" / "eval.json",
+                            per_sequence_csv=tmp_path / "m" / "seq.csv", plots_dir=tmp_path / "plots", n_maps=2)
+    assert [w.name for w in written] == ["b.png", "d.png"]
+    assert pl.read_csv(tmp_path / "plots" / "accuracy.csv").columns == ["threshold_km", "final", "phase1"]
+    assert pl.read_parquet(tmp_path / "pred.parquet").equals(p)
+    text = summary(res.metrics)
+    assert "phase I" in text and "acc_1km" in text

@@ -1,0 +1,39 @@
+"""`evaluate` stage: params ``eval`` + model bundle + features + manifest -> predictions, metrics, plots."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.common import load_params
+from vidtag.data.manifest import manifest_fingerprint, read_manifest
+from vidtag.evaluation import EvalConfig, run_evaluation, summary, write_reports
+from vidtag.features.store import load_features
+from vidtag.inference import resolve_device
+from vidtag.models.bundle import load_bundle
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", required=True, help="model bundle directory, e.g. cache/model")
+    ap.add_argument("--features", required=True, help="feature store, e.g. cache/features.zarr")
+    ap.add_argument("--manifest", required=True, help="manifest parquet, e.g. cache/manifest.parquet")
+    ap.add_argument("--predictions", required=True, help="predictions parquet to write")
+    ap.add_argument("--metrics", required=True, help="metrics JSON to write, e.g. metrics/eval.json")
+    ap.add_argument("--per-sequence", required=True, help="per-sequence CSV to write")
+    ap.add_argument("--plots", required=True, help="folder for plot data (CSV) and trajectory maps (PNG)")
+    ap.add_argument("--cache-dir", default="cache/embeddings", help="gallery-embedding cache (keyed by model and gallery)")
+    args = ap.parse_args()
+
+    cfg = EvalConfig(**load_params("eval")["eval"])
+    manifest = read_manifest(args.manifest).df
+    features = load_features(args.features, expect_fingerprint=manifest_fingerprint(manifest))
+    bundle = load_bundle(args.model, resolve_device(cfg.device))
+    result = run_evaluation(bundle, features, manifest, cfg, cache_dir=args.cache_dir, progress=True)
+    maps = write_reports(result, predictions=args.predictions, metrics=args.metrics, per_sequence_csv=args.per_sequence,
+                         plots_dir=args.plots, n_maps=cfg.n_maps)
+    print(summary(result.metrics))
+    print(f"wrote {args.predictions}, {args.metrics}, {args.per_sequence}, {args.plots} ({len(maps)} maps)")
+
+
+if __name__ == "__main__":
+    main()

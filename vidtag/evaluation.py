@@ -1,0 +1,170 @@
+"""An evaluation run: two-stage predictions for a split, the paper's metrics (final and Phase I
+alone, so the gain of Phase II shows), a per-sequence table, and plots ``dvc plots`` can show.
+
+Frames of a sequence with no readable frame have no prediction; metrics.evaluate counts every frame,
+so they are given the run's most frequent prediction (a data-driven prior, almost always wrong) and
+counted in ``n_frames_unpredicted`` rather than dropped (dropping would inflate accuracy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from vidtag.geo import haversine_km
+from vidtag.inference import InferenceConfig, offsets_from_sequence_ids, predict_sequences, read_gallery_latlon
+from vidtag.io import atomic_path, write_json_atomic, write_parquet_atomic
+from vidtag.metrics import LABEL_LEVELS, evaluate, per_sequence
+from vidtag.viz import accuracy_by_threshold, error_cdf, trajectory_map_png
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    split: str = "val"  # manifest split to evaluate (Sec. 4.1 reports the validation sets)
+    k: int = 32  # candidates for the confidence softmax (vidtag.inference)
+    confidence_radius_km: float = 1.0  # see vidtag.inference
+    batch_frames: int = 8192  # padded frames per forward pass
+    backend: str = "auto"  # retrieval backend: auto | faiss | torch
+    device: str = "auto"  # auto | cpu | cuda[:i]
+    n_maps: int = 6  # trajectory maps drawn, for sequences evenly spaced in sorted-id order (stable across runs)
+
+    def inference(self) -> InferenceConfig:
+        return InferenceConfig(k=self.k, confidence_radius_km=self.confidence_radius_km,
+                               batch_frames=self.batch_frames, backend=self.backend)
+
+
+@dataclass
+class EvalResult:
+    predictions: pl.DataFrame  # DESIGN.md predictions format
+    metrics: dict[str, Any]  # metrics.evaluate(...) + "phase1" + counts
+    sequences: pl.DataFrame  # per-sequence table
+    plots: dict[str, pl.DataFrame] = field(default_factory=dict)  # name -> plot data
+
+
+class EvaluationError(ValueError):
+    """The inputs of an evaluation run do not fit together (split empty, rows misaligned)."""
+
+
+def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = EvalConfig(), *,
+                   cache_dir: str | Path | None = None, progress: bool = False) -> EvalResult:
+    """Predict every frame of ``cfg.split`` and score it; ``features`` row i is manifest row i."""
+    if features.clip.shape[0] != manifest.height:
+        raise EvaluationError(f"feature store has {features.clip.shape[0]} rows but the manifest {manifest.height}; "
+                              "extract features for this manifest")
+    rows = np.flatnonzero((manifest["split"] == cfg.split).to_numpy())
+    if rows.size == 0:
+        splits = sorted(manifest["split"].unique().to_list())
+        raise EvaluationError(f"the manifest has no frames in split {cfg.split!r}; it has {splits}; set eval.split")
+    m = manifest[rows]
+    offsets, ids = offsets_from_sequence_ids(m["sequence_id"].to_list())
+    if len(set(ids)) != len(ids):
+        raise EvaluationError("manifest rows of a sequence are not contiguous; the manifest must be sorted by (sequence_id, frame_index)")
+    gallery = read_gallery_latlon(bundle.gallery_path)
+    pred = predict_sequences(bundle, features.clip[rows], features.dino[rows], features.valid[rows], offsets, gallery,
+                             sequence_ids=ids, cache_dir=cache_dir, cfg=cfg.inference(), device=cfg.device, progress=progress)
+    pred = pred.with_columns(pl.Series("frame_index", m["frame_index"].to_numpy(), dtype=pl.Int32))
+
+    missing = pred["lat"].is_null()
+    n_unpredicted = int(missing.sum())
+    if n_unpredicted:
+        prior = pred.filter(~missing).group_by("lat", "lon").len().sort(["len", "lat", "lon"], descending=[True, False, False])
+        p_lat, p_lon = (prior["lat"][0], prior["lon"][0]) if prior.height else (float(gallery[0, 0]), float(gallery[0, 1]))
+        fill = {c: pl.col(c).fill_null(v) for c, v in (("lat", p_lat), ("lon", p_lon), ("phase1_lat", p_lat), ("phase1_lon", p_lon))}
+        pred = pred.with_columns(**fill)
+
+    extra = [c for c in LABEL_LEVELS if c in m.columns]
+    pred = pred.with_columns(
+        pl.Series("gt_lat", m["lat"].cast(pl.Float64)), pl.Series("gt_lon", m["lon"].cast(pl.Float64)),
+        *[m[c].alias(c) for c in extra],
+    )
+    gal_df = pl.read_parquet(bundle.gallery_path)
+    if "label" in gal_df.columns and "city" in extra:
+        # City-centre galleries (CityGuessr68k) carry the city name: the predicted label is the label of the predicted point.
+        lookup = gal_df.select(pl.col("lat").cast(pl.Float64), pl.col("lon").cast(pl.Float64), pl.col("label").alias("pred_city")).unique(["lat", "lon"])
+        pred = pred.join(lookup, on=["lat", "lon"], how="left", maintain_order="left")
+    cols = ["sequence_id", "frame_index", "lat", "lon", "gt_lat", "gt_lon", "phase1_lat", "phase1_lon", "confidence", "valid"]
+    pred = pred.select(cols + [c for c in pred.columns if c not in cols])
+
+    metrics = evaluate(pred)
+    phase1_df = pred.select("sequence_id", "frame_index", "gt_lat", "gt_lon", lat="phase1_lat", lon="phase1_lon")
+    p1 = evaluate(phase1_df)
+    metrics["phase1"] = {k: p1[k] for k in ("frame", "video", "trajectory") if k in p1}
+    metrics["n_frames_unpredicted"] = n_unpredicted
+    metrics["n_frames_invalid"] = int((~pred["valid"]).sum())
+    metrics["mean_confidence"] = float(pred["confidence"].mean())
+
+    seq = per_sequence(pred)
+    seq_p1 = per_sequence(phase1_df).select("sequence_id", phase1_median_km="median_km", phase1_dfd_km="dfd_km")
+    conf = pred.group_by("sequence_id").agg(mean_confidence=pl.col("confidence").mean())
+    seq = seq.join(seq_p1, on="sequence_id", how="left").join(conf, on="sequence_id", how="left").sort("sequence_id")
+
+    has_gt = pred["gt_lat"].is_not_null()
+    g = pred.filter(has_gt)
+    errors = {
+        "final": haversine_km(g["lat"].to_numpy(), g["lon"].to_numpy(), g["gt_lat"].to_numpy(), g["gt_lon"].to_numpy()),
+        "phase1": haversine_km(g["phase1_lat"].to_numpy(), g["phase1_lon"].to_numpy(), g["gt_lat"].to_numpy(), g["gt_lon"].to_numpy()),
+    }
+    plots = {"error_cdf": error_cdf(errors), "accuracy": accuracy_by_threshold(errors)}
+    return EvalResult(pred, metrics, seq, plots)
+
+
+def map_sample(sequence_ids: list[str], n: int) -> list[str]:
+    """``n`` ids evenly spaced over the sorted ids: the same sequences in every run of a dataset."""
+    ids = sorted(set(sequence_ids))
+    if n <= 0 or not ids:
+        return []
+    if n >= len(ids):
+        return ids
+    return [ids[i] for i in np.linspace(0, len(ids) - 1, n).round().astype(int)]
+
+
+def _safe_name(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)[:100]
+
+
+def write_reports(result: EvalResult, *, predictions: str | Path, metrics: str | Path, per_sequence_csv: str | Path,
+                  plots_dir: str | Path, n_maps: int = 6) -> list[Path]:
+    """Write every output atomically; returns the map files written."""
+    write_parquet_atomic(result.predictions, predictions)
+    write_json_atomic(metrics, result.metrics)
+    with atomic_path(per_sequence_csv) as tmp:
+        result.sequences.write_csv(tmp, float_precision=6)
+    plots_dir = Path(plots_dir)
+    for name, df in result.plots.items():
+        with atomic_path(plots_dir / f"{name}.csv") as tmp:
+            df.write_csv(tmp, float_precision=6)
+    maps_dir = plots_dir / "maps"
+    maps_dir.mkdir(parents=True, exist_ok=True)
+    for old in maps_dir.glob("*.png"):  # a previous run's sample must not linger beside this one's
+        old.unlink()
+    written = []
+    with_gt = result.predictions.filter(pl.col("gt_lat").is_not_null())
+    for sid in map_sample(with_gt["sequence_id"].to_list(), n_maps):
+        s = with_gt.filter(pl.col("sequence_id") == sid).sort("frame_index")
+        written.append(trajectory_map_png(
+            maps_dir / f"{_safe_name(sid)}.png", s["lat"].to_numpy(), s["lon"].to_numpy(), s["gt_lat"].to_numpy(), s["gt_lon"].to_numpy(),
+            title=f"{sid}  ({s.height} frames)", phase1=(s["phase1_lat"].to_numpy(), s["phase1_lon"].to_numpy()),
+        ))
+    return written
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """A few human-readable lines: final vs. Phase I at the paper's thresholds, and the trajectory errors."""
+    f, p1 = metrics["frame"], metrics.get("phase1", {}).get("frame", {})
+    keys = [k for k in f if k.startswith("acc_")] + ["median_km"]
+    head = f"{'':10s}" + "".join(f"{k:>12s}" for k in keys)
+    lines = [f"evaluated {metrics.get('n_frames')} frames in {metrics.get('n_sequences')} sequences "
+             f"({metrics.get('n_frames_invalid', 0)} unreadable, {metrics.get('n_frames_unpredicted', 0)} without prediction)", head]
+    for name, group in (("final", f), ("phase I", p1)):
+        if group:
+            lines.append(f"{name:10s}" + "".join(f"{group[k]:12.2f}" for k in keys))
+    t = metrics.get("trajectory", {})
+    if t:
+        lines.append("trajectory " + "  ".join(f"{k}={v:.3f}" for k, v in t.items()))
+    if metrics.get("city"):
+        lines.append("labels     " + "  ".join(f"{k}={v:.1f}%" for k, v in metrics["city"].items() if v is not None))
+    return "\n".join(lines)
