@@ -69,6 +69,19 @@ class ExtractResult:
         return s + f"; store complete, {self.n_rows} rows, {self.n_bad} bad frame(s) masked"
 
 
+# params.yaml `backbone:` keys that are run settings rather than backbone identity.
+RUN_KEYS = ("batch_size", "num_workers", "device", "bf16", "compile", "prefetch_batches")
+LAYOUT_KEYS = ("shard_rows", "chunk_rows")
+
+
+def configs_from_params(params: dict[str, Any]) -> tuple[BackboneConfig, ExtractConfig]:
+    """Split the ``backbone`` params section into the backbone identity and how extraction runs."""
+    run = {k: params[k] for k in RUN_KEYS if k in params}
+    layout = StoreLayout(**{k: int(params[k]) for k in LAYOUT_KEYS if k in params})
+    rest = {k: v for k, v in params.items() if k not in RUN_KEYS and k not in LAYOUT_KEYS}
+    return BackboneConfig.from_dict(rest), ExtractConfig(**run, layout=layout)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
