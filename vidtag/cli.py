@@ -123,6 +123,44 @@ def ingest_toy(root: _Path, out: _Path = _OUT, seed: int = _SEED, val_fraction: 
 
 # --- feature extraction (vidtag.features) ------------------------------------------------------
 
+
+@app.command()
+def extract(
+    manifest: _Path = typer.Argument(..., help="Manifest parquet (from `vidtag ingest`)."),
+    out: _Path = typer.Option(..., "--out", "-o", help="Feature store to fill (Zarr v3 directory, e.g. cache/features.zarr)."),
+    preset: str = typer.Option("real", help="real (pretrained weights) | tiny (random, demo) | real-arch (ViT-L/14, random)."),
+    clip_arch: str = typer.Option("ViT-L-14", help="open_clip architecture."),
+    clip_pretrained: str = typer.Option("openai", help="open_clip pretrained tag, or a local checkpoint file."),
+    dino_name: str = typer.Option("facebook/dinov2-large", help="Hugging Face id (from the local cache) or a local directory."),
+    image_size: int = typer.Option(224, help="Input side in pixels (paper: 224)."),
+    seed: int = typer.Option(0, help="Seed of the random presets' weights."),
+    batch_size: int = typer.Option(256, help="Frames per forward pass."),
+    num_workers: int = typer.Option(4, help="DataLoader worker processes decoding frames."),
+    device: str = typer.Option("auto", help="auto (GPU when available), cpu, cuda, cuda:1, ..."),
+    bf16: bool = typer.Option(True, help="bf16 autocast on CUDA (CPU always runs fp32)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the backbones (CUDA only)."),
+    shard: _Opt[str] = typer.Option(None, help="i/n: fill only this process's share of the store [default: torchrun's RANK/WORLD_SIZE, else all]."),
+    shard_rows: int = typer.Option(4096, help="Rows per store shard = per work unit."),
+    force: bool = typer.Option(False, "--force", help="Delete a store made with other settings and rebuild it."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Extract frozen CLIP + DINOv2 features for every manifest row (resumable; re-running is a no-op)."""
+    from vidtag.data.manifest import ManifestError, read_manifest
+    from vidtag.features.backbones import BackboneError
+    from vidtag.features.extract import configs_from_params, extract_features, parse_shard
+    from vidtag.features.store import FeatureStoreError
+
+    try:
+        bcfg, ecfg = configs_from_params(dict(
+            preset=preset, clip={"arch": clip_arch, "pretrained": clip_pretrained}, dino={"name": dino_name},
+            image_size=image_size, seed=seed, batch_size=batch_size, num_workers=num_workers, device=device,
+            bf16=bf16, compile=compile, shard_rows=shard_rows, chunk_rows=min(64, shard_rows)))
+        result = extract_features(read_manifest(manifest), out, bcfg, ecfg, shard=parse_shard(shard),
+                                  overwrite=force, progress=progress)
+    except (ManifestError, BackboneError, FeatureStoreError, ValueError) as e:
+        fail(str(e))
+    typer.echo(result.summary())
+
 # --- gallery (vidtag.gallery) ------------------------------------------------------------------
 
 gallery_app = typer.Typer(help="GPS galleries to retrieve from (paper App. D).", no_args_is_help=True)
