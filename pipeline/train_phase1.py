@@ -1,0 +1,55 @@
+"""`train_phase1` stage: params ``phase1`` + feature store + manifest + gallery -> Phase I checkpoint directory.
+
+Params keys (``phase1:``): every field of vidtag.train.Phase1Config, plus ``model:`` with ``frame:`` /
+``location:`` sub-sections (vidtag.models.FrameEncoderConfig / LocationEncoderConfig fields) and
+``logit_scale_init``. Feature dims come from the store, never from params. Re-running with an existing
+``--out`` resumes from its checkpoint (same config and data), e.g. after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.common import load_params
+from vidtag.data.manifest import manifest_fingerprint, read_manifest
+from vidtag.features.store import load_features
+from vidtag.gallery import read_gallery
+from vidtag.models import VidTAGConfig
+from vidtag.models.config import build_config
+from vidtag.train import Phase1Config, train_phase1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--features", required=True, help="feature store, e.g. cache/features.zarr")
+    ap.add_argument("--manifest", required=True, help="manifest parquet, e.g. cache/manifest.parquet")
+    ap.add_argument("--gallery", required=True, help="gallery parquet for validation retrieval, e.g. cache/gallery.parquet")
+    ap.add_argument("--out", required=True, help="output directory, e.g. cache/phase1")
+    ap.add_argument("--live", default=None, help="DVCLive directory for metrics and plots, e.g. dvclive/phase1")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args()
+
+    params = load_params("phase1")
+    p = dict(params["phase1"])
+    model_cfg = VidTAGConfig.from_dict(p.pop("model", {}) or {})
+    cfg = build_config(Phase1Config, {**p, "seed": p.get("seed", params["seed"])})
+    m = read_manifest(args.manifest)
+    features = load_features(args.features, expect_fingerprint=manifest_fingerprint(m.df))
+    gallery, _ = read_gallery(args.gallery)
+    live = None
+    if args.live:
+        from dvclive import Live
+
+        resuming = (Path(args.out) / "checkpoint").exists()
+        live = Live(args.live, resume=resuming, save_dvc_exp=False, dvcyaml=False)
+    try:
+        metrics = train_phase1(features, m.df, gallery.select("lat", "lon").to_numpy(), args.out, cfg, model_cfg, live, show_progress=not args.no_progress)
+    finally:
+        if live is not None:
+            live.end()
+    print("phase1 done: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""`train_phase2` stage: params ``phase2`` + Phase I checkpoint + features -> the model bundle (cache/model/).
+
+Params keys (``phase2:``): every field of vidtag.train.Phase2Config, plus ``refiner:`` with
+vidtag.models.GeoRefinerConfig fields. Checkpoints go to ``--checkpoints`` (default: ``<out>.ckpt``
+beside the bundle) and a re-run resumes from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.common import load_params
+from vidtag.data.manifest import manifest_fingerprint, read_manifest
+from vidtag.features.store import load_features
+from vidtag.gallery import read_gallery
+from vidtag.models import GeoRefinerConfig
+from vidtag.models.config import build_config
+from vidtag.train import Phase2Config, train_phase2
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--features", required=True, help="feature store, e.g. cache/features.zarr")
+    ap.add_argument("--manifest", required=True, help="manifest parquet, e.g. cache/manifest.parquet")
+    ap.add_argument("--gallery", required=True, help="gallery parquet, copied into the bundle, e.g. cache/gallery.parquet")
+    ap.add_argument("--phase1", required=True, help="Phase I output directory, e.g. cache/phase1")
+    ap.add_argument("--out", required=True, help="model bundle directory to write, e.g. cache/model")
+    ap.add_argument("--checkpoints", default=None, help="Phase II checkpoint directory (default: <out>.ckpt)")
+    ap.add_argument("--live", default=None, help="DVCLive directory, e.g. dvclive/phase2")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args()
+
+    params = load_params("phase2")
+    p = dict(params["phase2"])
+    refiner_cfg = build_config(GeoRefinerConfig, p.pop("refiner", {}) or {})
+    cfg = build_config(Phase2Config, {**p, "seed": p.get("seed", params["seed"])})
+    out = Path(args.out)
+    ckpt = Path(args.checkpoints) if args.checkpoints else out.with_name(out.name + ".ckpt")
+    m = read_manifest(args.manifest)
+    features = load_features(args.features, expect_fingerprint=manifest_fingerprint(m.df))
+    gallery, _ = read_gallery(args.gallery)
+    live = None
+    if args.live:
+        from dvclive import Live
+
+        live = Live(args.live, resume=ckpt.exists(), save_dvc_exp=False, dvcyaml=False)
+    try:
+        metrics = train_phase2(features, m.df, args.gallery, gallery.select("lat", "lon").to_numpy(), args.phase1, out, ckpt,
+                               cfg, refiner_cfg, live, show_progress=not args.no_progress)
+    finally:
+        if live is not None:
+            live.end()
+    print("phase2 done: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+
+if __name__ == "__main__":
+    main()
