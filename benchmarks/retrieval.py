@@ -150,7 +150,7 @@ def main() -> None:
                 rows.append((g, "geoclip predict path", 0, float("nan"), rate0 * g0 / g, f"extrapolated from {g0:,}"))
     print("\n| gallery | method | queries timed | time (s) | queries/s | note |\n|---:|---|---:|---:|---:|---|")
     for g, name, n, t, rate, note in sorted(rows, key=lambda r: (r[0], -r[4])):
-        print(f"| {g:,} | {name} | {n} | {t:.3f} | {rate:,.1f} | {note} |")
+        print(f"| {g:,} | {name} | {n} | {t:.3f} | {rate:,.4g} | {note} |")
     for g in args.sizes:
         by = {r[1].split(" (")[0]: r[4] for r in rows if r[0] == g}
         best = max(by.get("vidtag faiss", 0), by.get("vidtag torch", 0))
