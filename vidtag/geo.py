@@ -66,7 +66,7 @@ def equal_earth_torch(latlon_deg: torch.Tensor) -> torch.Tensor:
     denom = 3 * (9 * EE_A4 * theta**8 + 7 * EE_A3 * theta**6 + 3 * EE_A2 * theta**2 + EE_A1)
     x = 2 * (3.0**0.5) * lon_rad * torch.cos(theta) / denom
     y = EE_A4 * theta**9 + EE_A3 * theta**7 + EE_A2 * theta**3 + EE_A1 * theta
-    return torch.stack([x, y], dim=-1) * (GEOCLIP_SF / 180.0)
+    return torch.stack([x, y], dim=-1) * GEOCLIP_SF / 180.0  # same operation order as geoclip: bit-identical
 
 
 def destination_point(lat, lon, bearing_deg, dist_km):
