@@ -150,7 +150,7 @@ class DualBackbone(nn.Module):
         """bf16 autocast on CUDA (the weights stay float32); ignored on CPU, where fp32 is exact and deterministic."""
         self.bf16 = bool(bf16) and self.device.type == "cuda"
 
-    def compile(self, **kwargs) -> None:
+    def compile_encoders(self, **kwargs) -> None:
         """torch.compile both encoders for ``encode``; ``state_dict`` keeps its plain keys."""
         self._encoders = (torch.compile(self.clip, **kwargs), torch.compile(self.dino, **kwargs))
 

@@ -148,7 +148,7 @@ def extract_features(
     bb = bb.to(device)
     bb.set_precision(cfg.bf16)
     if cfg.compile and device.type == "cuda":
-        bb.compile()
+        bb.compile_encoders()
 
     key = store_key(bb.fingerprint(), manifest_fingerprint(df), n, cfg.layout)
     store, state = open_store(out, key, overwrite=overwrite, info={"software": _software()})
