@@ -220,3 +220,23 @@ def test_cli_and_params_configs(tmp_path):
     other = CliRunner().invoke(app, [*args, "--seed", "3"])
     assert other.exit_code == 1 and "error:" in other.output and "--force" in other.output
     assert "Traceback" not in other.output
+
+
+def test_pipeline_stage_reads_backbone_params(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    import pipeline.common
+    from pipeline.extract import main
+
+    params = {"seed": 0, "backbone": {"preset": "tiny", "clip": {"arch": "ViT-L-14", "pretrained": "openai"},
+                                      "dino": {"name": "facebook/dinov2-large"}, "image_size": 32, "seed": 0,
+                                      "batch_size": 3, "num_workers": 0, "device": "cpu", "bf16": True,
+                                      "compile": False, "shard_rows": 8, "chunk_rows": 4}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setattr(pipeline.common, "PARAMS_FILE", tmp_path / "params.yaml")
+    manifest = make_world(tmp_path / "data", n_seq=1)
+    main(["--manifest", str(manifest), "--out", str(tmp_path / "f.zarr")])
+    assert "store complete, 7 rows" in capsys.readouterr().out
+    assert load_features(tmp_path / "f.zarr").attrs["backbones"]["config"]["preset"] == "tiny"
+    with pytest.raises(SystemExit, match="error: .*shard"):
+        main(["--manifest", str(manifest), "--out", str(tmp_path / "f.zarr"), "--shard", "3/2"])
