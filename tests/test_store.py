@@ -138,3 +138,17 @@ def test_write_unit_checks_row_count(tmp_path):
 def test_layout_validation():
     with pytest.raises(ValueError, match="multiple of chunk_rows"):
         StoreLayout(shard_rows=10, chunk_rows=4)
+
+
+def test_overwrite_keeps_a_matching_store_and_replaces_a_foreign_directory(tmp_path):
+    store, _ = open_store(tmp_path / "f.zarr", _key())
+    store.write_unit(0, np.ones((8, 3)), np.ones((8, 5)), np.ones(8, bool), [])
+    again, state = open_store(tmp_path / "f.zarr", _key(), overwrite=True)  # --force never throws work away
+    assert state == "resumed" and again.done_mask().tolist() == [True, False, False]
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a store")
+    with pytest.raises(FeatureStoreError, match="not a vidtag feature store"):
+        open_store(tmp_path / "other", _key())
+    assert (tmp_path / "other" / "notes.txt").exists()
+    assert open_store(tmp_path / "other", _key(), overwrite=True)[1] == "created"

@@ -224,16 +224,20 @@ def open_store(path: str | os.PathLike, key: dict[str, Any], *, overwrite: bool 
                info: dict[str, Any] | None = None) -> tuple[FeatureStore, str]:
     """Open the store at ``path`` for ``key``, creating it if absent; returns (store, "created"|"resumed"|"complete").
 
-    A store with another key is refused unless ``overwrite``, which deletes and recreates it.
+    A store with another key (or not a store at all) is refused unless ``overwrite``, which deletes and
+    recreates it; a store with the same key is reused even then, so ``--force`` never throws work away.
     """
     path = Path(path)
-    if path.exists() and overwrite:
+    if path.exists():
+        try:
+            store = FeatureStore(path)
+            store.check_key(key)
+            return store, "complete" if store.complete else "resumed"
+        except FeatureStoreError:
+            if not overwrite:
+                raise
         shutil.rmtree(path)
-    if not path.exists():
-        return FeatureStore.create(path, key, info=info), "created"
-    store = FeatureStore(path)
-    store.check_key(key)
-    return store, "complete" if store.complete else "resumed"
+    return FeatureStore.create(path, key, info=info), "created"
 
 
 def load_features(path: str | os.PathLike, expect_fingerprint: str | None = None) -> Features:
