@@ -141,7 +141,7 @@ def extract(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the backbones (CUDA only)."),
     shard: _Opt[str] = typer.Option(None, help="i/n: fill only this process's share of the store [default: torchrun's RANK/WORLD_SIZE, else all]."),
     shard_rows: int = typer.Option(4096, help="Rows per store shard = per work unit."),
-    force: bool = typer.Option(False, "--force", help="Delete a store made with other settings and rebuild it."),
+    force: bool = typer.Option(False, "--force", help="Rebuild a store made with other settings (a matching store is kept and resumed)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Extract frozen CLIP + DINOv2 features for every manifest row (resumable; re-running is a no-op)."""
