@@ -190,6 +190,10 @@ def extract_features(
             f_dino = f_dino.to("cpu", torch.float16).numpy()
             ok = ok.numpy()
             rows = rows.numpy()
+            finite = np.isfinite(f_clip).all(1) & np.isfinite(f_dino).all(1)  # fp16 overflow or a NaN from the model
+            reasons = [m or ("" if fin or not good else "non-finite features (float16 overflow or NaN)")
+                       for m, fin, good in zip(reasons, finite, ok)]
+            ok = ok & finite
             lo, hi = rows[0] - cur[1], rows[-1] - cur[1] + 1
             cur[3][lo:hi] = np.where(ok[:, None], f_clip, 0)  # bad frames: zeros, masked by valid=False
             cur[4][lo:hi] = np.where(ok[:, None], f_dino, 0)
