@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from pipeline.common import load_params
 from vidtag.data.ingest import ingest
@@ -11,11 +12,17 @@ from vidtag.data.ingest import ingest
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True, help="manifest parquet to write, e.g. cache/manifest.parquet")
+    ap.add_argument("--generated", required=True,
+                    help="where data.source=toy generates its world (the stage's output; left empty otherwise)")
     args = ap.parse_args()
     p = load_params("data")
     data = p["data"]
     source = data["source"]
-    m = ingest(source, data["root"], args.out, val_fraction=data.get("val_fraction", 0.2), seed=p["seed"],
+    # The toy world is an output of this stage, so it lives at --generated whatever data.root says;
+    # for real datasets the folder is created empty so the stage's declared outputs always exist.
+    Path(args.generated).mkdir(parents=True, exist_ok=True)
+    root = args.generated if source == "toy" else data["root"]
+    m = ingest(source, root, args.out, val_fraction=data.get("val_fraction", 0.2), seed=p["seed"],
                skip_bad=data.get("skip_bad", False), options=data.get(source) or {})
     print(m)
 
