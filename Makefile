@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[$(EXTRAS)]"
 	touch $@
 
+# dvc runs stage commands with `python`; the venv's bin first on PATH makes that ours.
 demo: install
-	$(PY) -m vidtag.demo
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+	$(PY) -m pipeline.summary metrics/eval.json
 
 test: install
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q -x --durations=15

@@ -370,7 +370,9 @@ def predict_input(
     def flush():
         if batch_rows:
             c, d = bb.encode(torch.stack(batch_c), torch.stack(batch_d))  # (b, 3, S, S) -> (b, Dc), (b, Dd)
-            clip_out[batch_rows], dino_out[batch_rows] = c.cpu().numpy(), d.cpu().numpy()
+            # Round through float16 as the feature store does, so predict sees exactly what training saw.
+            clip_out[batch_rows] = c.half().float().cpu().numpy()
+            dino_out[batch_rows] = d.half().float().cpu().numpy()
             valid[batch_rows] = True
             batch_rows.clear(), batch_c.clear(), batch_d.clear()
 

@@ -1,0 +1,112 @@
+"""The DVC pipeline as a user runs it: stage declarations, params files, and a whole small run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS_FILES = [REPO / "params.yaml", *sorted((REPO / "params").glob("*.yaml"))]
+
+
+def _dvc_yaml() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def test_each_stage_declares_exactly_the_params_its_script_reads():
+    for name, stage in _dvc_yaml()["stages"].items():
+        script = REPO / "pipeline" / f"{name}.py"
+        read = set(re.findall(r'load_params\(([^)]*)\)', script.read_text())[0].replace('"', "").replace(" ", "").split(","))
+        declared = set(stage["params"]) - {"seed"}
+        assert declared == read, f"stage {name}: dvc.yaml declares {declared}, {script.name} reads {read}"
+        assert f"pipeline.{name} " in stage["cmd"] and f"pipeline/{name}.py" in stage["deps"]
+
+
+def test_feature_store_is_not_copied_into_the_dvc_cache_and_survives_reruns():
+    outs = _dvc_yaml()["stages"]["extract"]["outs"]
+    store = next(o["cache/features.zarr"] for o in outs if isinstance(o, dict) and "cache/features.zarr" in o)
+    assert store == {"cache": False, "persist": True}
+
+
+@pytest.mark.parametrize("path", PARAMS_FILES, ids=lambda p: p.name)
+def test_params_files_build_every_stage_config(path):
+    """A typo in any shipped params file must fail here, not an hour into a GPU run."""
+    from vidtag.evaluation import EvalConfig
+    from vidtag.features.extract import configs_from_params
+    from vidtag.models import VidTAGConfig
+    from vidtag.models.config import GeoRefinerConfig, build_config
+    from vidtag.train import Phase1Config, Phase2Config
+
+    params = yaml.safe_load(path.read_text())
+    assert set(params) >= {"seed", "data", "backbone", "gallery", "phase1", "phase2", "eval"}
+    configs_from_params(params["backbone"])
+    p1 = dict(params["phase1"])
+    VidTAGConfig.from_dict(p1.pop("model", {}) or {})
+    build_config(Phase1Config, p1)
+    p2 = dict(params["phase2"])
+    GeoRefinerConfig(**(p2.pop("refiner", {}) or {}))
+    build_config(Phase2Config, p2)
+    EvalConfig(**params["eval"])
+    assert params["data"]["source"] in {"toy", "msls", "bdd", "cityguessr", "frames", "video"}
+    assert params["gallery"]["kind"] in {"grid", "city_centres", "geoclip100k"}
+
+
+def _run(cmd: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_dvc_repro_on_a_small_toy_world(tmp_path):
+    """Clone the tracked tree, shrink the demo, run `dvc repro`, then check what a user relies on."""
+    work = tmp_path / "repo"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file() and not rel.startswith(("cache/", "metrics/", "plots/", "dvclive/")) and rel != "dvc.lock":
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, work / rel)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["data"]["toy"].update(sequences_per_city=5, cities=["Amsterdam", "Melbourne"], max_frames=30)
+    for phase in ("phase1", "phase2"):
+        params[phase].update(epochs=3, eval_every=1, batch_size=4, warmup_steps=2)
+    params["eval"]["n_maps"] = 2
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    _run(["git", "init", "-q"], work, env)
+    _run(["git", "add", "-A"], work, env)
+    _run(["git", "commit", "-qm", "clone"], work, env)
+    _run(["dvc", "repro"], work, env)
+
+    metrics = json.loads((work / "metrics" / "eval.json").read_text())
+    for group in ("frame", "video"):
+        assert set(metrics[group]) == {"acc_0.5km", "acc_1km", "acc_5km", "acc_25km", "median_km"}
+        assert all(0 <= metrics[group][k] <= 100 for k in metrics[group] if k.startswith("acc_"))
+    assert set(metrics["trajectory"]) == {"dfd_deg", "mrd_deg", "dfd_km", "mrd_km"}
+    assert metrics["n_sequences"] == 2  # 20 % of 5 drives per city go to val
+    assert "frame" in metrics["phase1"]
+
+    from vidtag.models.bundle import load_bundle
+
+    bundle = load_bundle(work / "cache" / "model", "cpu")
+    assert bundle.gallery_path.exists() and bundle.config["backbones"]["config"]["preset"] == "tiny"
+    assert (work / "plots" / "error_cdf.csv").exists() and len(list((work / "plots" / "maps").glob("*.png"))) == 2
+
+    # Unchanged: a no-op. A phase2 param: only train_phase2 and evaluate run.
+    assert "Data and pipelines are up to date" in _run(["dvc", "repro"], work, env)
+    params["phase2"]["alpha"] = 1.0
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = _run(["dvc", "repro"], work, env)
+    assert set(re.findall(r"Running stage '(\w+)'", log)) == {"train_phase2", "evaluate"}, log
