@@ -1,9 +1,9 @@
 """Frame folders (natural order, coordinates CSV) and videos (PTS times, seeking, rotation, GPS tracks)."""
 
-import av
 import numpy as np
 import polars as pl
 import pytest
+from media import write_h264
 from PIL import Image
 
 from vidtag.data.frames import read_frames
@@ -13,23 +13,7 @@ from vidtag.data.video import frame_times, interpolate_track, read_video_frames,
 
 def make_video(path, seconds=3.0, fps=30, size=(64, 48), rotation=None, gop=15):
     """H.264 whose frame k has grey level 8*(k % 30) in its left half and a white top-left marker."""
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=fps)
-        s.width, s.height, s.pix_fmt = size[0], size[1], "yuv420p"
-        s.codec_context.gop_size = gop
-        if rotation:
-            s.set_display_rotation(rotation)
-        for k in range(int(seconds * fps)):
-            a = np.zeros((size[1], size[0], 3), np.uint8)
-            a[:, : size[0] // 2] = 8 * (k % 30)
-            a[:8, :8] = 255
-            f = av.VideoFrame.from_ndarray(a, format="rgb24")
-            f.pts = k
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
+    return write_h264(path, int(seconds * fps), fps, size, rotation=rotation, gop=gop)
 
 
 def test_frames_natural_order_and_coords_by_name_or_index(tmp_path):

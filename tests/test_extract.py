@@ -8,10 +8,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-import av
 import numpy as np
 import polars as pl
 import pytest
+from media import write_h264
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -32,17 +32,8 @@ def tiny():
 
 
 def make_video(path, n_frames=10, fps=10, size=(48, 32)):
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=fps)
-        s.width, s.height, s.pix_fmt = size[0], size[1], "yuv420p"
-        for k in range(n_frames):
-            a = np.full((size[1], size[0], 3), 20 * k, np.uint8)
-            f = av.VideoFrame.from_ndarray(a, format="rgb24")
-            f.pts = k
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    """Frame k is a flat grey 20*k, so every frame's features differ."""
+    return write_h264(path, n_frames, fps, size, draw=lambda k, wh: np.full((wh[1], wh[0], 3), 20 * k, np.uint8))
 
 
 def make_world(root: Path, n_seq=3, n_frames=7, corrupt=(), video=False) -> Path:

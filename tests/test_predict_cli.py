@@ -2,11 +2,11 @@
 
 import json
 
-import av
 import numpy as np
 import polars as pl
 import pytest
 from PIL import Image
+from media import write_h264
 from test_inference import grid, tiny_bundle
 from typer.testing import CliRunner
 
@@ -17,20 +17,16 @@ runner = CliRunner()
 TINY_BACKBONES = BackboneConfig(preset="tiny", image_size=32)
 
 
-def write_h264(path, seconds=3.0, fps=10, size=(64, 48)):
+def gradient(i, size):
     """A moving colour gradient, so frames differ."""
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=fps)
-        s.width, s.height, s.pix_fmt = size[0], size[1], "yuv420p"
-        for i in range(int(seconds * fps)):
-            x = np.linspace(0, 255, size[0], dtype=np.float32)[None, :, None]
-            img = np.broadcast_to((x + 8 * i) % 256, (size[1], size[0], 3)).astype(np.uint8).copy()
-            img[..., 1] = (i * 20) % 256
-            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
+    x = np.linspace(0, 255, size[0], dtype=np.float32)[None, :, None]
+    img = np.broadcast_to((x + 8 * i) % 256, (size[1], size[0], 3)).astype(np.uint8).copy()
+    img[..., 1] = (i * 20) % 256
+    return img
+
+
+def make_clip(path, seconds=3.0, fps=10, size=(64, 48)):
+    return write_h264(path, int(seconds * fps), fps, size, draw=gradient)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +43,7 @@ def run(*args):
 
 
 def test_predict_video_writes_csv_and_png_map(tmp_path, model_dir):
-    video = write_h264(tmp_path / "clip.mp4")
+    video = make_clip(tmp_path / "clip.mp4")
     out, png = tmp_path / "out" / "pred.csv", tmp_path / "map.png"
     r = run(video, "--model", model_dir, "--out", out, "--map", png, "--fps", 2, "--cache-dir", tmp_path / "cache")
     assert r.exit_code == 0, r.output
@@ -83,7 +79,7 @@ def test_predict_frame_folder_with_html_map_and_an_unreadable_frame(tmp_path, mo
 @pytest.mark.parametrize("case", ["truncated", "garbage", "empty_folder", "missing"])
 def test_bad_input_gives_one_line_error(tmp_path, model_dir, case):
     if case == "truncated":
-        video = write_h264(tmp_path / "clip.mp4")
+        video = make_clip(tmp_path / "clip.mp4")
         data = video.read_bytes()
         video.write_bytes(data[: len(data) // 3])
         target = video
@@ -112,12 +108,12 @@ def test_bundle_that_does_not_match_its_backbones(tmp_path, model_dir):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["backbones"]["config"]["seed"] = 7  # other random weights than the model was trained on
     (bad / "config.json").write_text(json.dumps(cfg))
-    video = write_h264(tmp_path / "clip.mp4", seconds=1.0)
+    video = make_clip(tmp_path / "clip.mp4", seconds=1.0)
     r = run(video, "--model", bad, "--out", tmp_path / "p.csv", "--cache-dir", tmp_path / "cache")
     assert r.exit_code != 0 and "does not match its backbones" in r.output and "Traceback" not in r.output
 
 
 def test_missing_bundle(tmp_path):
-    video = write_h264(tmp_path / "clip.mp4", seconds=1.0)
+    video = make_clip(tmp_path / "clip.mp4", seconds=1.0)
     r = run(video, "--model", tmp_path / "no-model", "--out", tmp_path / "p.csv")
     assert r.exit_code != 0 and r.output.startswith("error: ") and "incomplete" in r.output
