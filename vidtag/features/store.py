@@ -53,10 +53,14 @@ class StoreLayout:
 
 @dataclass
 class Features:
-    """Features loaded into memory: ``clip (N, Dc)``, ``dino (N, Dd)`` float16, ``valid (N,)`` bool."""
+    """Features: ``clip (N, Dc)``, ``dino (N, Dd)`` float16, ``valid (N,)`` bool.
 
-    clip: np.ndarray
-    dino: np.ndarray
+    ``clip`` / ``dino`` are numpy arrays, or read-on-demand zarr arrays from ``load_features(lazy=True)``
+    (both have ``shape`` and slicing; training streams the lazy ones when they do not fit in memory).
+    """
+
+    clip: Any  # np.ndarray | zarr.Array
+    dino: Any
     valid: np.ndarray
     attrs: dict[str, Any] = field(default_factory=dict)
 
@@ -240,8 +244,12 @@ def open_store(path: str | os.PathLike, key: dict[str, Any], *, overwrite: bool 
     return FeatureStore.create(path, key, info=info), "created"
 
 
-def load_features(path: str | os.PathLike, expect_fingerprint: str | None = None) -> Features:
-    """Read a complete store into memory; ``expect_fingerprint`` (a manifest fingerprint) guards against mix-ups."""
+def load_features(path: str | os.PathLike, expect_fingerprint: str | None = None, *, lazy: bool = False) -> Features:
+    """Read a complete store into memory; ``expect_fingerprint`` (a manifest fingerprint) guards against mix-ups.
+
+    ``lazy=True`` leaves ``clip`` / ``dino`` as zarr arrays read on demand (``valid`` is still loaded), for
+    stores bigger than memory; vidtag.train.batches.feature_source decides whether to load or stream them.
+    """
     path = Path(path)
     if not path.exists():
         raise FeatureStoreError(f"feature store {path} does not exist; run `vidtag extract` (or `dvc repro extract`)")
@@ -255,5 +263,7 @@ def load_features(path: str | os.PathLike, expect_fingerprint: str | None = None
                                 f"{str(store.attrs.get('manifest_fingerprint'))[:12]}..., expected "
                                 f"{expect_fingerprint[:12]}...); extract again with --force")
     g = store.group
-    return Features(np.asarray(g["clip"][:]), np.asarray(g["dino"][:]), np.asarray(g["valid"][:], dtype=bool),
-                    dict(store.attrs))
+    valid = np.asarray(g["valid"][:], dtype=bool)
+    if lazy:
+        return Features(g["clip"], g["dino"], valid, dict(store.attrs))
+    return Features(np.asarray(g["clip"][:]), np.asarray(g["dino"][:]), valid, dict(store.attrs))

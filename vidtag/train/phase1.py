@@ -20,7 +20,7 @@ from vidtag.models.bundle import build_models
 from vidtag.models.config import VidTAGConfig
 from vidtag.models.frame_encoder import FrameEncoder
 from vidtag.models.location_encoder import LocationEncoder
-from vidtag.train.batches import FeatureTensors, SequenceTable, build_sequences, epoch_order, padded_chunks, sample_frames
+from vidtag.train.batches import FeatureTensors, SequenceTable, build_sequences, epoch_order, feature_source, padded_chunks, sample_frames
 from vidtag.train.checkpoint import load_checkpoint, restore, save_checkpoint
 from vidtag.train.losses import contrastive_loss, positive_targets
 
@@ -48,6 +48,11 @@ class Phase1Config:
     eval_max_frames: int = 8192  # padded frames per evaluation forward pass
     device: str = "auto"  # auto = cuda when available
     seed: int = 0
+    # Issue 5 item 6: "auto" keeps clip+dino (float16) resident on the device when they fit in the memory
+    # budget and streams them from the store by chunk otherwise; true / false force either. Both modes give
+    # identical batches (vidtag.train.batches.feature_source).
+    features_in_memory: str | bool = "auto"
+    feature_memory_gb: float | None = None  # budget for resident features; None = 70% of free CUDA memory (half the available RAM on CPU)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,7 +149,8 @@ def evaluate_phase1(model: Phase1Model, data: FeatureTensors, val: SequenceTable
 
 def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """Config keys that must match to resume (bookkeeping keys such as epochs may change)."""
-    return {k: v for k, v in cfg_dict.items() if k not in {"epochs", "eval_every", "checkpoint_every", "eval_max_frames", "device"}}
+    return {k: v for k, v in cfg_dict.items() if k not in {"epochs", "eval_every", "checkpoint_every", "eval_max_frames", "device",
+                                                          "features_in_memory", "feature_memory_gb"}}
 
 
 def train_phase1(
@@ -159,8 +165,8 @@ def train_phase1(
 ) -> dict[str, Any]:
     """Train Phase I, resuming from ``out_dir/checkpoint`` when present; returns the final metrics.
 
-    ``features`` has ``.clip``, ``.dino``, ``.valid`` numpy arrays and ``.attrs`` (vidtag.features.store);
-    the model's feature dims are taken from the arrays. ``live`` is an optional DVCLive ``Live``.
+    ``features`` has ``.clip``, ``.dino`` (numpy, or zarr from ``load_features(lazy=True)``), ``.valid`` and
+    ``.attrs`` (vidtag.features.store); the model's feature dims are taken from the arrays. ``live`` is an optional DVCLive ``Live``.
     """
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / CHECKPOINT_DIR
@@ -169,7 +175,8 @@ def train_phase1(
     frame_cfg = {**asdict(model_cfg.frame), "clip_dim": int(features.clip.shape[1]), "dino_dim": int(features.dino.shape[1])}
     model_cfg = VidTAGConfig.from_dict({**model_cfg.to_dict(), "frame": frame_cfg})
 
-    data = FeatureTensors.from_arrays(features.clip, features.dino, manifest, device)
+    data, why = feature_source(features, manifest, device, cfg.features_in_memory, cfg.feature_memory_gb)
+    print(f"phase1: features: {why}")
     train = build_sequences(manifest, features.valid, "train").to(device)
     val = build_sequences(manifest, features.valid, "val").to(device)
     if len(train) < 2:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from vidtag.models.bundle import Bundle, save_bundle
 from vidtag.models.config import GeoRefinerConfig, VidTAGConfig
 from vidtag.models.georefiner import GeoRefiner
-from vidtag.train.batches import FeatureTensors, SequenceTable, build_sequences, epoch_order, sample_frames
+from vidtag.train.batches import FeatureTensors, SequenceTable, build_sequences, epoch_order, feature_source, sample_frames
 from vidtag.train.checkpoint import load_checkpoint, restore, save_checkpoint
 from vidtag.train.losses import weighted_hinge_loss
 from vidtag.train.noise import NoiseConfig, corrupt_gps
@@ -58,6 +58,8 @@ class Phase2Config:
     eval_max_frames: int = 8192
     device: str = "auto"
     seed: int = 0
+    features_in_memory: str | bool = "auto"  # as Phase1Config: resident when they fit, else streamed from the store
+    feature_memory_gb: float | None = None
 
     @property
     def noise(self) -> NoiseConfig:
@@ -134,7 +136,8 @@ def train_phase2(
     if (features.clip.shape[1], features.dino.shape[1]) != (model_cfg.frame.clip_dim, model_cfg.frame.dino_dim):
         raise TrainingError(f"features are {features.clip.shape[1]}+{features.dino.shape[1]}-d but Phase I was trained on {model_cfg.frame.clip_dim}+{model_cfg.frame.dino_dim}-d")
 
-    data = FeatureTensors.from_arrays(features.clip, features.dino, manifest, device)
+    data, why = feature_source(features, manifest, device, cfg.features_in_memory, cfg.feature_memory_gb)
+    print(f"phase2: features: {why}")
     train = build_sequences(manifest, features.valid, "train").to(device)
     val = build_sequences(manifest, features.valid, "val").to(device)
     if len(train) < 2:
