@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_train import P1, P2, TINY_MODEL, make_world
 
-from vidtag.features.store import StoreLayout, load_features, open_store, store_key
+from vidtag.features.store import ChunkReader, FeatureStoreError, StoreLayout, load_features, open_store, store_key
 from vidtag.models import GeoRefinerConfig
 from vidtag.train import train_phase1, train_phase2
 from vidtag.train.batches import (
@@ -76,6 +76,40 @@ def test_streamed_gather_equals_resident_and_reads_each_chunk_once(world, lazy):
     for got, want in zip(tiny.gather(everything), resident.gather(everything)):
         assert torch.equal(got, want)
     assert tiny.chunks_read == -(-n // 8) and len(tiny.cache) == 1
+
+
+def test_chunk_reader_reads_what_zarr_reads_and_refuses_a_damaged_shard(tmp_path):
+    # 50 rows: a partial last chunk (rows 48-49) and a chunk of zeros that zarr never writes (rows 16-23)
+    fp = {"config": {}, "clip": {"dim": 3}, "dino": {"dim": 5}, "preprocessing": {}}
+    store, _ = open_store(tmp_path / "f.zarr", store_key(fp, "m", 50, LAYOUT))
+    rng = np.random.default_rng(0)
+    for u in range(store.n_units):
+        a, b = store.unit_rows(u)
+        clip, dino = rng.standard_normal((b - a, 3)), rng.standard_normal((b - a, 5))
+        clip[max(16 - a, 0):max(24 - a, 0)] = 0
+        store.write_unit(u, clip, dino, np.ones(b - a, bool), [])
+    store.finalize()
+    lazy = load_features(tmp_path / "f.zarr", lazy=True)
+    reader = ChunkReader.for_array(lazy.clip)
+    got = reader.read(range(7))
+    assert reader._index[0][2, 0] == np.iinfo(np.uint64).max  # the all-zero chunk really is absent from the shard
+    assert np.array_equal(np.concatenate([got[c] for c in range(7)]), lazy.clip[:]) and got[6].shape == (2, 3)
+    shard = tmp_path / "f.zarr" / "clip" / "c" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[-10] ^= 0xFF  # flip a byte of the shard index
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(FeatureStoreError, match="clip/c/0/0: the shard index is damaged"):
+        ChunkReader.for_array(lazy.clip).read([0])
+
+
+def test_zarr_fallback_equals_the_direct_reader(world, lazy):
+    direct = StreamedFeatures(lazy.clip, lazy.dino, world.manifest, CPU)
+    via_zarr = StreamedFeatures(lazy.clip, lazy.dino, world.manifest, CPU)
+    assert direct.readers is not None
+    via_zarr.readers = None  # what a store of another layout (or not on local disk) gets
+    rows = torch.from_numpy(np.random.default_rng(1).integers(0, len(world.valid), (5, 9)))
+    for got, want in zip(via_zarr.gather(rows), direct.gather(rows)):
+        assert torch.equal(got, want)
 
 
 def test_streamed_from_host_arrays_equals_resident(world):

@@ -20,6 +20,8 @@ import numpy as np
 import polars as pl
 import torch
 
+from vidtag.features.store import ChunkReader
+
 SAMPLING_MODES = ("subset", "window")
 
 
@@ -103,9 +105,8 @@ class StreamedFeatures:
     """Features read per batch from the store: same ``gather`` as :class:`FeatureTensors`, same values.
 
     A gather takes the batch's unique rows (sorted), groups them by the store's inner chunk (64 rows), takes
-    the chunks it has in a small LRU of decoded chunks and reads the others once each (runs of adjacent
-    chunks as one slice, all runs of both arrays concurrently), copies just the unique rows to the device
-    (pinned, non-blocking on CUDA) and expands them there to the (B, T) layout. ``clip`` / ``dino`` may
+    the chunks it has from a small LRU of decoded chunks and reads the others once each, copies just the
+    unique rows to the device (pinned, non-blocking on CUDA) and expands them there to the (B, T) layout. ``clip`` / ``dino`` may
     also be numpy arrays (features already in host memory but too big for the device): rows are then
     taken directly. lat/lon (16 bytes a row) stay resident.
     """
@@ -122,6 +123,8 @@ class StreamedFeatures:
         row_bytes = 2 * (int(clip.shape[1]) + int(dino.shape[1]))
         self.max_chunks = max(1, int(cache_mb * 2**20) // (row_bytes * self.chunk_rows))
         self.cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        readers = [] if self.in_host else [ChunkReader.for_array(a) for a in self.arrays]
+        self.readers = readers if readers and all(r is not None for r in readers) else None  # else through zarr
         self.staging = [_Staging(int(a.shape[1]), self.device) for a in self.arrays]
         self.chunks_read = 0  # decoded chunks read from the store (statistics, and for tests)
         self.chunks_hit = 0
@@ -171,9 +174,14 @@ class StreamedFeatures:
             self.cache.popitem(last=False)
 
     def _read_chunks(self, chunks: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """Decode the given chunks of both arrays, each once: adjacent chunks as one slice, runs concurrently."""
+        """Decode the given chunks of both arrays, each once: straight from the shard files when the store has
+        our layout (vidtag.features.store.ChunkReader), else through zarr, adjacent chunks as one slice and
+        all runs concurrently."""
         if not chunks:
             return {}
+        if self.readers is not None:
+            clip, dino = (reader.read(chunks) for reader in self.readers)
+            return {c: (clip[c], dino[c]) for c in chunks}
         cr = self.chunk_rows
         runs, first = [], chunks[0]
         for prev, c in zip(chunks, chunks[1:] + [None]):
