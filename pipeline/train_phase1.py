@@ -35,7 +35,7 @@ def main() -> None:
     model_cfg = VidTAGConfig.from_dict(p.pop("model", {}) or {})
     cfg = build_config(Phase1Config, {**p, "seed": p.get("seed", params["seed"])})
     m = read_manifest(args.manifest)
-    features = load_features(args.features, expect_fingerprint=manifest_fingerprint(m.df))
+    features = load_features(args.features, expect_fingerprint=manifest_fingerprint(m.df), lazy=True)
     gallery, _ = read_gallery(args.gallery)
     live = None
     if args.live:

@@ -38,7 +38,7 @@ def main() -> None:
     out = Path(args.out)
     ckpt = Path(args.checkpoints) if args.checkpoints else out.with_name(out.name + ".ckpt")
     m = read_manifest(args.manifest)
-    features = load_features(args.features, expect_fingerprint=manifest_fingerprint(m.df))
+    features = load_features(args.features, expect_fingerprint=manifest_fingerprint(m.df), lazy=True)
     gallery, _ = read_gallery(args.gallery)
     live = None
     if args.live:

@@ -97,3 +97,15 @@ def test_paper_size_trainable_parameters():
     two_layer = FrameEncoder(FrameEncoderConfig(mlp_dims=(1024,)))
     delta = n_frame - sum(p.numel() for p in two_layer.parameters())
     assert abs(delta - 0.6e6) < 0.1e6
+
+
+def test_without_tempgeo_each_frame_is_embedded_alone():
+    """tempgeo_layers=0 (the no-time ablation): a frame's embedding ignores its neighbours."""
+    torch.manual_seed(0)
+    enc = FrameEncoder(FrameEncoderConfig(clip_dim=8, dino_dim=12, tempgeo_layers=0, mlp_dims=(16,))).eval()
+    clip, dino = torch.randn(1, 5, 8), torch.randn(1, 5, 12)
+    alone = enc(clip[:, 2:3], dino[:, 2:3])
+    in_context = enc(clip, dino)[:, 2:3]
+    assert enc.tempgeo is None and torch.allclose(alone, in_context, atol=1e-6)
+    with_time = FrameEncoder(FrameEncoderConfig(clip_dim=8, dino_dim=12, tempgeo_heads=4, mlp_dims=(16,))).eval()
+    assert not torch.allclose(with_time(clip[:, 2:3], dino[:, 2:3]), with_time(clip, dino)[:, 2:3], atol=1e-4)

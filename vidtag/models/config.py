@@ -24,7 +24,7 @@ class FrameEncoderConfig:
 
     clip_dim: int = 768  # CLIP ViT-L/14 projected embedding (Appendix B.2); from store attrs in practice
     dino_dim: int = 1024  # DINOv2 ViT-L/14 CLS (Appendix B.2); from store attrs in practice
-    tempgeo_layers: int = 2  # Appendix A: "TempGeo module has 2 transformer encoder layers"
+    tempgeo_layers: int = 2  # Appendix A: "TempGeo module has 2 transformer encoder layers"; 0 = no-time ablation
     tempgeo_heads: int = 8  # paper silent; 1792 / 8 = 224 per head
     tempgeo_ff_dim: int = 2048  # paper silent; PyTorch's nn.TransformerEncoderLayer default
     dropout: float = 0.1  # Sec. 3.2 "uses dropout", rate not given; PyTorch default

@@ -76,7 +76,8 @@ class FrameEncoder(nn.Module):
         self.cfg = cfg = cfg or FrameEncoderConfig()
         mlp_dims = [cfg.in_dim, *cfg.mlp_dims, cfg.out_dim]
         self.mlp = _mlp(mlp_dims)
-        self.tempgeo = TempGeo(cfg.out_dim if cfg.mlp_first else cfg.in_dim, cfg)
+        # tempgeo_layers=0 is the no-time ablation: every frame is embedded alone (GeoCLIP-style).
+        self.tempgeo = TempGeo(cfg.out_dim if cfg.mlp_first else cfg.in_dim, cfg) if cfg.tempgeo_layers > 0 else None
 
     def fuse(self, clip: torch.Tensor, dino: torch.Tensor) -> torch.Tensor:
         """Sec. 3.1: each backbone L2-normalised, then concatenated (B, T, Dc + Dd)."""
@@ -92,7 +93,9 @@ class FrameEncoder(nn.Module):
 
     def forward(self, clip: torch.Tensor, dino: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         z = self.fuse(clip, dino)  # (B, T, Dc + Dd)
-        if self.cfg.mlp_first:
+        if self.tempgeo is None:
+            z = self.mlp(z)  # (B, T, in) -> (B, T, out), no temporal context
+        elif self.cfg.mlp_first:
             z = self.tempgeo(self.mlp(z), pad_mask)  # (B, T, in) -> (B, T, out)
         else:
             z = self.mlp(self.tempgeo(z, pad_mask))  # (B, T, in) -> (B, T, out)
