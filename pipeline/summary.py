@@ -7,20 +7,21 @@ import sys
 from pathlib import Path
 
 GROUPS = ("frame", "video", "trajectory", "city")
+# The JSON is written with sorted keys; print thresholds in increasing order instead.
+ORDER = ["acc_0.5km", "acc_1km", "acc_5km", "acc_25km", "median_km", "dfd_deg", "mrd_deg", "dfd_km", "mrd_km"]
+
+
+def _cells(values: dict) -> str:
+    keys = sorted(values, key=lambda k: ORDER.index(k) if k in ORDER else len(ORDER))
+    return "  ".join(f"{k}={values[k]:.3f}" if isinstance(values[k], float) else f"{k}={values[k]}" for k in keys)
 
 
 def format_metrics(metrics: dict) -> str:
-    lines = []
-    for group in GROUPS:
-        values = metrics.get(group)
-        if not values:
-            continue
-        cells = "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-        lines.append(f"  {group:<10} {cells}")
-    phase1 = metrics.get("phase1", {}).get("frame")
-    if phase1:
-        cells = "  ".join(f"{k}={v:.3f}" for k, v in phase1.items())
-        lines.append(f"  {'phase1':<10} {cells}   (Phase I alone, before GeoRefiner)")
+    lines = [f"  {group:<10} {_cells(metrics[group])}" for group in GROUPS if metrics.get(group)]
+    for group in ("frame", "trajectory"):
+        values = metrics.get("phase1", {}).get(group)
+        if values:
+            lines.append(f"  {'phase1 ' + group:<10} {_cells(values)}   (Phase I alone, before GeoRefiner)")
     return "\n".join(lines)
 
 

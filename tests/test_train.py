@@ -183,3 +183,17 @@ def test_phase2_refuses_an_unfinished_phase1(world, tmp_path):
     (tmp_path / "p1" / "checkpoint" / "state.json").write_text(json.dumps(state))
     with pytest.raises(TrainingError, match="unfinished"):
         load_phase1(tmp_path / "p1")
+
+
+def test_zero_epochs_saves_the_untrained_model_as_a_baseline(world, tmp_path, phase1_dir):
+    """epochs=0 writes the untrained (GeoCLIP-initialised) model, the baseline the pipeline can evaluate."""
+    untrained_dir = tmp_path / "p1"
+    train_phase1(world, world.manifest, world.gallery, untrained_dir, Phase1Config(**{**P1.__dict__, "epochs": 0}),
+                 TINY_MODEL, show_progress=False)
+    assert load_checkpoint(untrained_dir / "checkpoint", torch.device("cpu")).state["epoch"] == 0
+    data = FeatureTensors.from_arrays(world.clip, world.dino, world.manifest, torch.device("cpu"))
+    val = build_sequences(world.manifest, world.valid, "val")
+    gallery = torch.as_tensor(world.gallery)
+    untrained = evaluate_phase1(load_phase1(untrained_dir)[0], data, val, gallery)
+    trained = evaluate_phase1(load_phase1(phase1_dir)[0], data, val, gallery)
+    assert trained["median_km"] < untrained["median_km"], (trained, untrained)

@@ -234,6 +234,10 @@ def train_phase1(
         print(f"phase1 epoch {epoch + 1}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if last or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0):
             save_checkpoint(ckpt_dir, {"phase1": model}, optimizer, {"config": run_config, "step": step, "epoch": epoch + 1, "metrics": metrics, "complete": last})
+    if cfg.epochs == 0 and ckpt is None:
+        # epochs=0 saves the untrained model (GeoCLIP-initialised location encoder): the baseline that
+        # "trained beats untrained" is measured against, through the same pipeline.
+        save_checkpoint(ckpt_dir, {"phase1": model}, optimizer, {"config": run_config, "step": 0, "epoch": 0, "metrics": {}, "complete": True})
     return metrics
 
 

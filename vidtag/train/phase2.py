@@ -198,6 +198,8 @@ def train_phase2(
         print(f"phase2 epoch {epoch + 1}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if last or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0):
             save_checkpoint(checkpoint_dir, {"refiner": refiner}, optimizer, {"config": run_config, "step": step, "epoch": epoch + 1, "metrics": metrics, "complete": last})
+    if cfg.epochs == 0 and ckpt is None:  # the untrained refiner, as phase1 does for its baseline
+        save_checkpoint(checkpoint_dir, {"refiner": refiner}, optimizer, {"config": run_config, "step": 0, "epoch": 0, "metrics": {}, "complete": True})
 
     attrs = dict(getattr(features, "attrs", {}) or {})
     bundle = Bundle(
