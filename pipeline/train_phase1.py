@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.common import load_params
+from pipeline.common import load_params, run_resumable
 from vidtag.data.manifest import manifest_fingerprint, read_manifest
 from vidtag.features.store import load_features
 from vidtag.gallery import read_gallery
@@ -37,17 +37,10 @@ def main() -> None:
     m = read_manifest(args.manifest)
     features = load_features(args.features, expect_fingerprint=manifest_fingerprint(m.df), lazy=True)
     gallery, _ = read_gallery(args.gallery)
-    live = None
-    if args.live:
-        from dvclive import Live
-
-        resuming = (Path(args.out) / "checkpoint").exists()
-        live = Live(args.live, resume=resuming, save_dvc_exp=False, dvcyaml=False)
-    try:
-        metrics = train_phase1(features, m.df, gallery.select("lat", "lon").to_numpy(), args.out, cfg, model_cfg, live, show_progress=not args.no_progress)
-    finally:
-        if live is not None:
-            live.end()
+    metrics = run_resumable(
+        lambda live: train_phase1(features, m.df, gallery.select("lat", "lon").to_numpy(), args.out, cfg, model_cfg, live,
+                                  show_progress=not args.no_progress),
+        Path(args.out) / "checkpoint", args.live)
     print("phase1 done: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
 

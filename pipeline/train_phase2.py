@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.common import load_params
+from pipeline.common import load_params, run_resumable
 from vidtag.data.manifest import manifest_fingerprint, read_manifest
 from vidtag.features.store import load_features
 from vidtag.gallery import read_gallery
@@ -40,17 +40,10 @@ def main() -> None:
     m = read_manifest(args.manifest)
     features = load_features(args.features, expect_fingerprint=manifest_fingerprint(m.df), lazy=True)
     gallery, _ = read_gallery(args.gallery)
-    live = None
-    if args.live:
-        from dvclive import Live
-
-        live = Live(args.live, resume=ckpt.exists(), save_dvc_exp=False, dvcyaml=False)
-    try:
-        metrics = train_phase2(features, m.df, args.gallery, gallery.select("lat", "lon").to_numpy(), args.phase1, out, ckpt,
-                               cfg, refiner_cfg, live, show_progress=not args.no_progress)
-    finally:
-        if live is not None:
-            live.end()
+    metrics = run_resumable(
+        lambda live: train_phase2(features, m.df, args.gallery, gallery.select("lat", "lon").to_numpy(), args.phase1, out,
+                                  ckpt, cfg, refiner_cfg, live, show_progress=not args.no_progress),
+        ckpt, args.live)
     print("phase2 done: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
 

@@ -110,3 +110,30 @@ def test_dvc_repro_on_a_small_toy_world(tmp_path):
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = _run(["dvc", "repro"], work, env)
     assert set(re.findall(r"Running stage '(\w+)'", log)) == {"train_phase2", "evaluate"}, log
+
+
+def test_run_resumable_resumes_only_an_unfinished_checkpoint_of_the_same_params(tmp_path):
+    from pipeline.common import run_resumable
+    from vidtag.train import CheckpointMismatchError
+
+    ckpt = tmp_path / "ckpt"
+
+    def write_state(complete: bool):
+        ckpt.mkdir()
+        (ckpt / "state.json").write_text(json.dumps({"complete": complete}))
+
+    write_state(complete=True)  # DVC re-runs the stage: a finished run is stale
+    assert run_resumable(lambda live: {"resumed": ckpt.exists()}, ckpt, None) == {"resumed": False}
+
+    write_state(complete=False)  # interrupted, same params: resumed
+    assert run_resumable(lambda live: {"resumed": ckpt.exists()}, ckpt, None) == {"resumed": True}
+
+    calls = []
+
+    def train_other_params(live):
+        calls.append(ckpt.exists())
+        if ckpt.exists():
+            raise CheckpointMismatchError("written with other params")
+        return {"ok": True}
+
+    assert run_resumable(train_other_params, ckpt, None) == {"ok": True} and calls == [True, False]

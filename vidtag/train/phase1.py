@@ -31,6 +31,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, no data, mismatched resume)."""
 
 
+class CheckpointMismatchError(TrainingError):
+    """The checkpoint to resume from was written with another model, config or data."""
+
+
 @dataclass(frozen=True)
 class Phase1Config:
     seq_len: int = 16  # Appendix A: 16 frames per training sequence
@@ -77,7 +81,8 @@ def progress(iterable, total: int, desc: str, enabled: bool):
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    # disable=None: bars on a terminal, none when output goes to a log file
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
 
 
 def check_finite(loss: torch.Tensor, where: str, ckpt_dir: Path) -> None:
@@ -198,7 +203,7 @@ def train_phase1(
     if ckpt is not None:
         saved = ckpt.state["config"]
         if saved["model"] != run_config["model"] or _comparable(saved["train"]) != _comparable(run_config["train"]) or saved["data"] != run_config["data"]:
-            raise TrainingError(f"{ckpt_dir} was written with a different model, training config or data; delete it to start afresh")
+            raise CheckpointMismatchError(f"{ckpt_dir} was written with a different model, training config or data; delete it to start afresh")
         restore(ckpt, {"phase1": model}, optimizer)
         step, start_epoch, metrics = ckpt.state["step"], ckpt.state["epoch"], ckpt.state.get("metrics", {})
     print(f"phase1: train {train}, val {val}, gallery {len(gallery)} points, device {device}, from epoch {start_epoch}")

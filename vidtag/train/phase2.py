@@ -21,6 +21,7 @@ from vidtag.train.checkpoint import load_checkpoint, restore, save_checkpoint
 from vidtag.train.losses import weighted_hinge_loss
 from vidtag.train.noise import NoiseConfig, corrupt_gps
 from vidtag.train.phase1 import (
+    CheckpointMismatchError,
     TrainingError,
     _comparable,
     _log,
@@ -147,14 +148,15 @@ def train_phase2(
     torch.manual_seed(cfg.seed)
     refiner = GeoRefiner(refiner_cfg).to(device)
     optimizer = torch.optim.Adam(refiner.parameters(), lr=cfg.lr)
-    run_config = {"model": model_cfg.to_dict(), "train": asdict(cfg), "phase1_data": p1_config["data"]}
+    # The whole Phase I run config: resuming on top of a Phase I trained differently would be stale.
+    run_config = {"model": model_cfg.to_dict(), "train": asdict(cfg), "phase1": p1_config}
     run_config = json.loads(json.dumps(run_config))  # compare as stored: tuples become lists
     step, start_epoch, metrics = 0, 0, {}
     ckpt = load_checkpoint(checkpoint_dir, device)
     if ckpt is not None:
         saved = ckpt.state["config"]
         if saved["model"] != run_config["model"] or _comparable(saved["train"]) != _comparable(run_config["train"]):
-            raise TrainingError(f"{checkpoint_dir} was written with a different model or training config; delete it to start afresh")
+            raise CheckpointMismatchError(f"{checkpoint_dir} was written with a different model or training config; delete it to start afresh")
         restore(ckpt, {"refiner": refiner}, optimizer)
         step, start_epoch, metrics = ckpt.state["step"], ckpt.state["epoch"], ckpt.state.get("metrics", {})
     print(f"phase2: train {train}, val {val}, device {device}, from epoch {start_epoch}")
