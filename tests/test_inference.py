@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vidtag.geo import haversine_km
 from vidtag.inference import InferenceConfig, InferenceError, offsets_from_sequence_ids, predict_sequences
 from vidtag.models import VidTAGConfig, build_models, load_bundle, save_bundle
 from vidtag.models.bundle import Bundle
@@ -89,15 +90,18 @@ def test_batching_and_padding_do_not_change_predictions(bundle):
     np.testing.assert_allclose(one_batch["confidence"], many["confidence"], atol=1e-5)
 
 
-def test_confidence_is_a_probability_and_one_with_a_single_candidate(bundle):
+def test_confidence_is_the_phase1_mass_near_the_final_prediction(bundle):
     clip, dino, offsets = features([6, 3], seed=2)
     out = predict_sequences(bundle, clip, dino, None, offsets, device="cpu", cfg=InferenceConfig(k=50, confidence_radius_km=1.0))
     c = out["confidence"].to_numpy()
-    assert ((c > 0) & (c <= 1)).all()
+    assert ((c >= 0) & (c <= 1)).all()
     wide = predict_sequences(bundle, clip, dino, None, offsets, device="cpu", cfg=InferenceConfig(k=50, confidence_radius_km=20_100.0))
     np.testing.assert_allclose(wide["confidence"], 1.0, rtol=1e-5)  # every candidate lies within half the circumference
+    # One candidate: all the mass sits on the Phase I top-1, so confidence says whether it lies
+    # within the radius of the final (refined) prediction.
     single = predict_sequences(bundle, clip, dino, None, offsets, device="cpu", cfg=InferenceConfig(k=1))
-    np.testing.assert_allclose(single["confidence"], 1.0)
+    p1_near = haversine_km(single["phase1_lat"], single["phase1_lon"], single["lat"], single["lon"]) <= 1.0
+    np.testing.assert_allclose(single["confidence"], p1_near.astype(float))
 
 
 def test_invalid_frames_are_ignored_and_filled_from_the_nearest_valid_frame(bundle):

@@ -25,7 +25,7 @@ from vidtag.viz import accuracy_by_threshold, error_cdf, trajectory_map_png
 @dataclass(frozen=True)
 class EvalConfig:
     split: str = "val"  # manifest split to evaluate (Sec. 4.1 reports the validation sets)
-    k: int = 32  # candidates for the confidence softmax (vidtag.inference)
+    k: int = 256  # Phase I candidates for the confidence softmax (vidtag.inference)
     confidence_radius_km: float = 1.0  # see vidtag.inference
     batch_frames: int = 8192  # padded frames per forward pass
     backend: str = "auto"  # retrieval backend: auto | faiss | torch

@@ -9,13 +9,15 @@ Choices the paper leaves open (recorded here and in the README):
 * **Re-embedding the Phase I GPS.** The Phase I winners are gallery points, so their location-encoder
   embeddings are rows of the cached gallery embeddings; they are gathered, not recomputed. The
   GeoRefiner normalises its queries itself, so normalised rows are equivalent to raw ones.
-* **Confidence** (per frame, in [0, 1]): the Phase II top-k scores are turned into probabilities
-  with the model's learned Phase I logit scale, ``p = softmax(exp(logit_scale) * cos)`` over the k
-  candidates; the confidence is the mass of the candidates within ``confidence_radius_km`` of the
-  prediction (the top-1 always counts). On a fine grid neighbouring points share nearly the same
-  embedding, so the top-1 probability alone would read as "unsure" even when every plausible answer
-  lies within a few hundred metres; the mass within the radius is the model's own probability that
-  the truth is near the prediction (k = 1 gives 1.0).
+* **Confidence** (per frame, in [0, 1]): the model's own probability that the truth lies within
+  ``confidence_radius_km`` of the final prediction. The frame's Phase I (frame -> GPS) scores over its
+  top-k gallery candidates become probabilities with the learned logit scale,
+  ``p = softmax(exp(logit_scale) * cos)``, and the confidence is the mass of those candidates that
+  lie within the radius of the final prediction. This is the visual evidence, the distribution that
+  Phase I was trained to calibrate. GPS -> GPS scores after the GeoRefiner are not used: neighbouring
+  grid points have near-identical embeddings there, so their mass is always ~1. A frame whose
+  evidence is spread over several places, or whose prediction the GeoRefiner moved away from it,
+  reads low.
 * **Invalid frames** (unreadable images, masked in the feature store): excluded from TempGeo and the
   GeoRefiner through the padding mask, so they do not pollute their neighbours; they then take the
   prediction of the nearest valid frame in time (the earlier one on a tie), with confidence 0 and
@@ -44,7 +46,7 @@ class InferenceError(ValueError):
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    k: int = 32  # candidates per frame for the confidence softmax; paper silent (it only uses top-1)
+    k: int = 256  # Phase I candidates per frame for the confidence softmax; paper silent (it only uses top-1)
     confidence_radius_km: float = 1.0  # mass within this of the prediction; 1 km = the paper's headline accuracy (Sec. 4.3)
     batch_frames: int = 8192  # padded frames per forward pass; sequences are grouped by length up to this
     backend: str = "auto"  # retrieval backend, see vidtag.retrieval.search
@@ -199,18 +201,19 @@ def predict_sequences(
         frame_emb = bundle.frame_encoder(c, d, pad)  # (B, T, 512) unit
         use_t = ~pad
         q1 = frame_emb[use_t]  # (M, 512)
-        _, i1 = index.search(q1, k=1)  # (M, 1)
+        s1, i1 = index.search(q1, k=k)  # (M, k): Phase I candidates, top-1 first
         gps_emb = torch.zeros_like(frame_emb)
         gps_emb[use_t] = gal_t[i1[:, 0].to(dev)]  # (M, 512) -> scattered to (B, T, 512)
         refined = bundle.refiner(frame_emb, gps_emb, pad)  # (B, T, 512) unit
-        s2, i2 = index.search(F.normalize(refined[use_t].float(), dim=-1), k=k)  # (M, k)
+        _, i2 = index.search(F.normalize(refined[use_t].float(), dim=-1), k=1)  # (M, 1)
         out_rows = rows[use]
-        p1_idx[out_rows] = i1[:, 0].cpu().numpy()
-        i2_np = i2.cpu().numpy()
-        p2_idx[out_rows] = i2_np[:, 0]
-        prob = torch.softmax(s2.float() * scale, dim=1).cpu().numpy()  # (M, k)
-        cand = gallery[i2_np]  # (M, k, 2)
-        near = haversine_km(cand[:, :1, 0], cand[:, :1, 1], cand[..., 0], cand[..., 1]) <= cfg.confidence_radius_km
+        i1_np = i1.cpu().numpy()
+        p1_idx[out_rows] = i1_np[:, 0]
+        final = i2.cpu().numpy()[:, 0]
+        p2_idx[out_rows] = final
+        prob = torch.softmax(s1.float() * scale, dim=1).cpu().numpy()  # (M, k) Phase I evidence
+        cand = gallery[i1_np]  # (M, k, 2)
+        near = haversine_km(gallery[final, None, 0], gallery[final, None, 1], cand[..., 0], cand[..., 1]) <= cfg.confidence_radius_km
         conf[out_rows] = (prob * near).sum(axis=1)
 
     src = _fill_from_nearest_valid(p2_idx >= 0, offsets)
