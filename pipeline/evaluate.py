@@ -8,7 +8,7 @@ from pipeline.common import load_params
 from vidtag.data.manifest import manifest_fingerprint, read_manifest
 from vidtag.evaluation import EvalConfig, run_evaluation, summary, write_reports
 from vidtag.features.store import load_features
-from vidtag.inference import resolve_device
+from vidtag.device import resolve_device
 from vidtag.models.bundle import load_bundle
 
 

@@ -34,6 +34,7 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
+from vidtag.device import resolve_device
 from vidtag.geo import haversine_km
 from vidtag.retrieval import GalleryIndex, gallery_embeddings, latlon_fingerprint, module_fingerprint
 
@@ -51,16 +52,6 @@ class InferenceConfig:
     batch_frames: int = 8192  # padded frames per forward pass; sequences are grouped by length up to this
     backend: str = "auto"  # retrieval backend, see vidtag.retrieval.search
     gallery_batch: int = 8192  # gallery points per location-encoder forward when embedding the gallery
-
-
-def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else is passed to torch.device."""
-    if name is None or str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InferenceError(f"device {name!r} requested but CUDA is not available here; use --device cpu or auto")
-    return dev
 
 
 def read_gallery_latlon(path: str | Path) -> np.ndarray:

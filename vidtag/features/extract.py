@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vidtag.device import resolve_device
 from vidtag.features.backbones import BackboneConfig, DualBackbone, build_backbones
 from vidtag.features.dataset import FrameBatches, FrameSource
 from vidtag.features.store import StoreLayout, open_store, store_key
@@ -80,12 +81,6 @@ def configs_from_params(params: dict[str, Any]) -> tuple[BackboneConfig, Extract
     layout = StoreLayout(**{k: int(params[k]) for k in LAYOUT_KEYS if k in params})
     rest = {k: v for k, v in params.items() if k not in RUN_KEYS and k not in LAYOUT_KEYS}
     return BackboneConfig.from_dict(rest), ExtractConfig(**run, layout=layout)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def parse_shard(spec: str | None = None, env: dict[str, str] | None = None) -> tuple[int, int]:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidtag.device import resolve_device
 from vidtag.geo import haversine_km
 from vidtag.models.bundle import build_models
 from vidtag.models.config import VidTAGConfig
@@ -57,12 +58,6 @@ class Phase1Config:
     # identical batches (vidtag.train.batches.feature_source).
     features_in_memory: str | bool = "auto"
     feature_memory_gb: float | None = None  # budget for resident features; None = 70% of free CUDA memory (half the available RAM on CPU)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def lr_at(base_lr: float, step: int, epoch: int, warmup_steps: int, gamma: float) -> float:

@@ -13,6 +13,7 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
+from vidtag.device import resolve_device
 from vidtag.models.bundle import Bundle, save_bundle
 from vidtag.models.config import GeoRefinerConfig, VidTAGConfig
 from vidtag.models.georefiner import GeoRefiner
@@ -32,7 +33,6 @@ from vidtag.train.phase1 import (
     load_phase1,
     lr_at,
     progress,
-    resolve_device,
     retrieval_metrics,
     top1,
 )
