@@ -62,3 +62,22 @@ def run_resumable(train: Callable[[Any], dict], checkpoint_dir: Path, live_dir: 
             if live is not None:
                 live.end()
     raise AssertionError("unreachable")
+
+
+def run_stage(main: Callable[[], Any]) -> None:
+    """Run a stage's ``main``; the library's errors end it with one line, not a traceback.
+
+    Set VIDTAG_DEBUG=1 to see the traceback instead.
+    """
+    from vidtag.features.backbones import BackboneError
+    from vidtag.retrieval import GalleryCacheError
+    from vidtag.train import TrainingError
+
+    # Every vidtag error class derives from ValueError, except these three (RuntimeError).
+    user_errors = (ValueError, FileNotFoundError, BackboneError, GalleryCacheError, TrainingError)
+    try:
+        main()
+    except user_errors as e:
+        if os.environ.get("VIDTAG_DEBUG"):
+            raise
+        raise SystemExit(f"error: {e}") from None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.common import load_params
+from pipeline.common import load_params, run_stage
 from vidtag.data.manifest import ManifestError, read_manifest
 from vidtag.features.backbones import BackboneError
 from vidtag.features.extract import configs_from_params, extract_features, parse_shard
@@ -32,4 +32,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.common import load_params
+from pipeline.common import load_params, run_stage
 from vidtag.data.manifest import manifest_fingerprint, read_manifest
 from vidtag.gallery import build_gallery, write_gallery
 
@@ -25,4 +25,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

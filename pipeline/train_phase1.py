@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.common import load_params, run_resumable
+from pipeline.common import load_params, run_resumable, run_stage
 from vidtag.data.manifest import manifest_fingerprint, read_manifest
 from vidtag.features.store import load_features
 from vidtag.gallery import read_gallery
@@ -45,4 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

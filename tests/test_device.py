@@ -19,3 +19,8 @@ def test_auto_under_torchrun_takes_the_ranks_own_gpu(monkeypatch):
     assert resolve_device("auto") == torch.device("cuda", 2)
     monkeypatch.delenv("LOCAL_RANK")
     assert resolve_device("auto") == torch.device("cuda", 0)
+
+
+def test_a_device_name_torch_does_not_know_is_a_device_error():
+    with pytest.raises(DeviceError, match="not understood"):
+        resolve_device("gpu")

@@ -117,7 +117,7 @@ def test_phase1_beats_its_untrained_self(world, phase1_dir):
 
     fe, loc, _ = build_models(VidTAGConfig.from_dict({**TINY_MODEL.to_dict(), "frame": {**TINY_MODEL.to_dict()["frame"], "clip_dim": 16, "dino_dim": 24}}))
     untrained = evaluate_phase1(Phase1Model(fe, loc, 2.66).eval(), data, val, gallery)
-    assert trained["acc_5km"] >= untrained["acc_5km"] + 0.3, (trained, untrained)
+    assert trained["acc_5km"] >= untrained["acc_5km"] + 30, (trained, untrained)  # percent
     assert trained["median_km"] < 0.7 * untrained["median_km"], (trained, untrained)
 
 

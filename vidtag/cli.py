@@ -239,12 +239,13 @@ def predict(
     t0 = time.perf_counter()
     try:
         from vidtag.device import DeviceError, resolve_device
+        from vidtag.gallery import GalleryError
 
         dev = resolve_device(device)
         bundle = load_bundle(model, dev)
         df = predict_input(input, bundle, fps=fps, device=dev, batch_size=batch_size,
                            cache_dir=cache_dir or _default_cache_dir(), progress=progress)
-    except (PredictError, InferenceError, BundleError, RetrievalError, GalleryCacheError, DeviceError) as e:
+    except (PredictError, InferenceError, BundleError, RetrievalError, GalleryCacheError, GalleryError, DeviceError) as e:
         fail(str(e))
     with atomic_path(out) as tmp:
         df.write_csv(tmp, float_precision=7)

@@ -23,7 +23,10 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
             return torch.device("cpu")
         local_rank = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
         return torch.device("cuda", local_rank)
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"device {str(name)!r} not understood; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {str(name)!r} requested but CUDA is not available here; use cpu or auto")
     return dev

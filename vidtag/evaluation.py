@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from vidtag.gallery import read_gallery
 from vidtag.geo import haversine_km
-from vidtag.inference import InferenceConfig, offsets_from_sequence_ids, predict_sequences, read_gallery_latlon
+from vidtag.inference import InferenceConfig, gallery_latlon, offsets_from_sequence_ids, predict_sequences
 from vidtag.io import atomic_path, write_json_atomic, write_parquet_atomic
 from vidtag.metrics import LABEL_LEVELS, evaluate, per_sequence
 from vidtag.viz import accuracy_by_threshold, error_cdf, trajectory_map_png
@@ -63,7 +64,8 @@ def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = E
     offsets, ids = offsets_from_sequence_ids(m["sequence_id"].to_list())
     if len(set(ids)) != len(ids):
         raise EvaluationError("manifest rows of a sequence are not contiguous; the manifest must be sorted by (sequence_id, frame_index)")
-    gallery = read_gallery_latlon(bundle.gallery_path)
+    gal_df, _ = read_gallery(bundle.gallery_path)
+    gallery = gallery_latlon(gal_df, bundle.gallery_path)
     pred = predict_sequences(bundle, features.clip[rows], features.dino[rows], features.valid[rows], offsets, gallery,
                              sequence_ids=ids, cache_dir=cache_dir, cfg=cfg.inference(), device=cfg.device, progress=progress)
     pred = pred.with_columns(pl.Series("frame_index", m["frame_index"].to_numpy(), dtype=pl.Int32))
@@ -81,7 +83,6 @@ def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = E
         pl.Series("gt_lat", m["lat"].cast(pl.Float64)), pl.Series("gt_lon", m["lon"].cast(pl.Float64)),
         *[m[c].alias(c) for c in extra],
     )
-    gal_df = pl.read_parquet(bundle.gallery_path)
     if "label" in gal_df.columns and "city" in extra:
         # City-centre galleries (CityGuessr68k) carry the city name: the predicted label is the label of the predicted point.
         lookup = gal_df.select(pl.col("lat").cast(pl.Float64), pl.col("lon").cast(pl.Float64), pl.col("label").alias("pred_city")).unique(["lat", "lon"])

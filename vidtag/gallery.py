@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from vidtag.geo import KM_PER_DEG_LAT, EARTH_RADIUS_KM, BBox, bounding_box, km_per_deg_lon, wrap_lon
+from vidtag.geo import KM_PER_DEG_LAT, EARTH_RADIUS_KM, BBox, bounding_box, km_per_deg_lon, unit_vectors, wrap_lon
 from vidtag.io import read_parquet_metadata, write_parquet_atomic
 
 KINDS = ("grid", "city_centres", "geoclip100k")
@@ -51,11 +51,6 @@ def grid_points(box: BBox, resolution_km: float) -> tuple[np.ndarray, np.ndarray
     return lat, lon
 
 
-def _unit_xyz(lat, lon) -> np.ndarray:
-    la, lo = np.radians(lat), np.radians(lon)
-    return np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], -1)
-
-
 def cluster_regions(lat: np.ndarray, lon: np.ndarray, cluster_km: float) -> np.ndarray:
     """Region id per point: connected components of occupied cells, cells linked within ``cluster_km``.
 
@@ -73,7 +68,7 @@ def cluster_regions(lat: np.ndarray, lon: np.ndarray, cluster_km: float) -> np.n
     cells, inverse = np.unique(np.stack([ci, cj], 1), axis=0, return_inverse=True)
     # Each cell is represented by the mean of its points (robust to the snapping convention).
     xyz = np.zeros((len(cells), 3))
-    np.add.at(xyz, inverse.ravel(), _unit_xyz(lat, lon))
+    np.add.at(xyz, inverse.ravel(), unit_vectors(lat, lon))
     xyz /= np.linalg.norm(xyz, axis=1, keepdims=True)
     pairs = cKDTree(xyz).query_pairs(r=cluster_km / EARTH_RADIUS_KM, output_type="ndarray")
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(cells), len(cells)))

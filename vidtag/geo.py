@@ -33,6 +33,12 @@ def haversine_km(lat1, lon1, lat2, lon2):
     return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
 
 
+def unit_vectors(lat, lon) -> np.ndarray:
+    """Points in degrees as unit vectors (..., 3) on the sphere: averaging them is antimeridian-safe."""
+    lat_r, lon_r = np.radians(lat), np.radians(lon)
+    return np.stack([np.cos(lat_r) * np.cos(lon_r), np.cos(lat_r) * np.sin(lon_r), np.sin(lat_r)], axis=-1)
+
+
 def haversine_km_torch(lat1: torch.Tensor, lon1: torch.Tensor, lat2: torch.Tensor, lon2: torch.Tensor) -> torch.Tensor:
     """Torch twin of :func:`haversine_km` (degrees in, km out, broadcasting, differentiable)."""
     lat1, lon1, lat2, lon2 = (torch.deg2rad(v) for v in (lat1, lon1, lat2, lon2))

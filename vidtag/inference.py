@@ -54,12 +54,18 @@ class InferenceConfig:
     gallery_batch: int = 8192  # gallery points per location-encoder forward when embedding the gallery
 
 
-def read_gallery_latlon(path: str | Path) -> np.ndarray:
-    """(G, 2) float64 lat, lon of a gallery parquet (DESIGN.md: columns lat, lon)."""
-    df = pl.read_parquet(path, columns=["lat", "lon"])
+def gallery_latlon(df: pl.DataFrame, path: str | Path = "gallery") -> np.ndarray:
+    """(G, 2) float64 lat, lon of a gallery table (DESIGN.md: columns lat, lon)."""
     if df.height == 0:
         raise InferenceError(f"gallery {path} is empty; rebuild it (stage `gallery`)")
     return df.select(pl.col("lat").cast(pl.Float64), pl.col("lon").cast(pl.Float64)).to_numpy()
+
+
+def read_gallery_latlon(path: str | Path) -> np.ndarray:
+    """(G, 2) lat, lon of a gallery file, read through vidtag.gallery (which refuses an altered file)."""
+    from vidtag.gallery import read_gallery
+
+    return gallery_latlon(read_gallery(path)[0], path)
 
 
 def bundle_gallery_embeddings(bundle, latlon: np.ndarray, cache_dir: str | Path | None, batch: int = 8192) -> np.ndarray:

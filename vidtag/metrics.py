@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
-from vidtag.geo import EARTH_RADIUS_KM, KM_PER_DEG_LAT, haversine_km, km_per_deg_lon, validate_latlon, wrap_lon
+from vidtag.geo import EARTH_RADIUS_KM, KM_PER_DEG_LAT, haversine_km, km_per_deg_lon, unit_vectors, validate_latlon, wrap_lon
 
 THRESHOLDS_KM = (0.5, 1.0, 5.0, 25.0)  # Sec. 4.3: accuracy at 0.5 / 1 / 5 / 25 km (Tables 1-2)
 LABEL_LEVELS = ("city", "state", "country", "continent")  # CityGuessr68k hierarchy (Table 3)
@@ -52,19 +52,14 @@ def accuracy_at(dist_km, thresholds_km: Sequence[float] = THRESHOLDS_KM) -> dict
     return out
 
 
-def _unit_vectors(lat, lon) -> np.ndarray:
-    lat_r, lon_r = np.radians(lat), np.radians(lon)
-    return np.stack([np.cos(lat_r) * np.cos(lon_r), np.cos(lat_r) * np.sin(lon_r), np.sin(lat_r)], axis=-1)
-
-
 def _segment_centroids(lat: np.ndarray, lon: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Spherical centroid of each segment ``[starts[s], starts[s+1])`` of the point list -> (S,), (S,)."""
-    xyz = np.add.reduceat(_unit_vectors(lat, lon), starts, axis=0)  # (N, 3) -> (S, 3)
+    xyz = np.add.reduceat(unit_vectors(lat, lon), starts, axis=0)  # (N, 3) -> (S, 3)
     norm = np.linalg.norm(xyz, axis=1)
     # Points symmetric about the Earth's centre have no centroid; we fall back to the segment's
     # first point rather than invent one (never happens for real trajectories).
     degenerate = norm < 1e-12
-    xyz[degenerate] = _unit_vectors(lat[starts[degenerate]], lon[starts[degenerate]])
+    xyz[degenerate] = unit_vectors(lat[starts[degenerate]], lon[starts[degenerate]])
     norm[degenerate] = 1.0
     xyz /= norm[:, None]
     c_lat = np.degrees(np.arcsin(np.clip(xyz[:, 2], -1.0, 1.0)))
@@ -127,7 +122,7 @@ def _cost_into(x: np.ndarray, a: np.ndarray, b: np.ndarray, metric: str) -> None
         dlon = a[:, None, 1, :] - b[None, :, 1, :]
         np.sqrt(dlat * dlat + dlon * dlon, out=x)
         return
-    ua, ub = _unit_vectors(a[:, 0], a[:, 1]), _unit_vectors(b[:, 0], b[:, 1])  # (N, P, 3), (M, P, 3)
+    ua, ub = unit_vectors(a[:, 0], a[:, 1]), unit_vectors(b[:, 0], b[:, 1])  # (N, P, 3), (M, P, 3)
     x[...] = 0.0
     for c in range(3):
         diff = ua[:, None, :, c] - ub[None, :, :, c]  # (N, M, P)
@@ -159,8 +154,8 @@ class _StreamedDiagonals:
         self.metric, self.M = metric, b.shape[0]
         self.rows = np.arange(a.shape[0])
         if metric == "km":  # (3, N, P) / (3, M, P) unit vectors, as in _cost_into
-            self.a = np.moveaxis(_unit_vectors(a[:, 0], a[:, 1]), -1, 0)
-            self.b = np.moveaxis(_unit_vectors(b[:, 0], b[:, 1]), -1, 0)
+            self.a = np.moveaxis(unit_vectors(a[:, 0], a[:, 1]), -1, 0)
+            self.b = np.moveaxis(unit_vectors(b[:, 0], b[:, 1]), -1, 0)
         else:  # (2, N, P) / (2, M, P)
             self.a, self.b = np.moveaxis(a, 1, 0), np.moveaxis(b, 1, 0)
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from vidtag.device import resolve_device
 from vidtag.geo import haversine_km
+from vidtag.metrics import accuracy_at
 from vidtag.models.bundle import build_models
 from vidtag.models.config import VidTAGConfig
 from vidtag.models.frame_encoder import FrameEncoder
@@ -122,12 +123,9 @@ def gallery_embeddings(location_encoder: LocationEncoder, gallery_latlon: torch.
 
 
 def retrieval_metrics(pred_latlon: np.ndarray, true_latlon: np.ndarray, prefix: str = "") -> dict[str, float]:
+    """vidtag.metrics' frame accuracies (percent, as in metrics/eval.json) under ``prefix``."""
     dist_km = haversine_km(pred_latlon[:, 0], pred_latlon[:, 1], true_latlon[:, 0], true_latlon[:, 1])
-    return {
-        f"{prefix}acc_1km": float((dist_km <= 1.0).mean()),
-        f"{prefix}acc_5km": float((dist_km <= 5.0).mean()),
-        f"{prefix}median_km": float(np.median(dist_km)),
-    }
+    return {f"{prefix}{k}": v for k, v in accuracy_at(dist_km).items()}
 
 
 def top1(queries: torch.Tensor, gallery_emb_unit: torch.Tensor) -> np.ndarray:
