@@ -197,3 +197,19 @@ def test_zero_epochs_saves_the_untrained_model_as_a_baseline(world, tmp_path, ph
     untrained = evaluate_phase1(load_phase1(untrained_dir)[0], data, val, gallery)
     trained = evaluate_phase1(load_phase1(phase1_dir)[0], data, val, gallery)
     assert trained["median_km"] < untrained["median_km"], (trained, untrained)
+
+
+def test_phase2_refuses_to_resume_on_top_of_another_phase1_run(world, phase1_dir, tmp_path):
+    """A Phase II checkpoint belongs to the Phase I run it refined; a retrained Phase I invalidates it."""
+    gallery_path = tmp_path / "gallery.parquet"
+    pl.DataFrame({"lat": world.gallery[:, 0], "lon": world.gallery[:, 1]}).write_parquet(gallery_path)
+    refiner = GeoRefinerConfig(**TINY_MODEL.refiner.__dict__)
+    one_epoch = Phase2Config(**{**P2.__dict__, "epochs": 1})
+    train_phase2(world, world.manifest, gallery_path, world.gallery, phase1_dir, tmp_path / "m", tmp_path / "ck", one_epoch,
+                 refiner, show_progress=False)
+    other_p1 = tmp_path / "other_p1"
+    train_phase1(world, world.manifest, world.gallery, other_p1, Phase1Config(**{**P1.__dict__, "lr": P1.lr / 2}), TINY_MODEL,
+                 show_progress=False)
+    with pytest.raises(TrainingError, match="different phase1"):
+        train_phase2(world, world.manifest, gallery_path, world.gallery, other_p1, tmp_path / "m", tmp_path / "ck", one_epoch,
+                     refiner, show_progress=False)

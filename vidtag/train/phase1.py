@@ -151,6 +151,25 @@ def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
                                                           "features_in_memory", "feature_memory_gb"}}
 
 
+def resume(ckpt_dir: Path, device: torch.device, run_config: dict[str, Any], modules: dict[str, torch.nn.Module],
+           optimizer: torch.optim.Optimizer) -> tuple[int, int, dict[str, float], bool]:
+    """(step, epoch, metrics, resumed) to continue from the checkpoint in ``ckpt_dir``, or a fresh start.
+
+    Every part of ``run_config`` must equal the saved one (``train`` up to bookkeeping keys such as
+    epochs), else the checkpoint belongs to another run and CheckpointMismatchError says so.
+    """
+    ckpt = load_checkpoint(ckpt_dir, device)
+    if ckpt is None:
+        return 0, 0, {}, False
+    saved = ckpt.state["config"]
+    differ = sorted(k for k in set(saved) | set(run_config)
+                    if (_comparable(saved.get(k, {})) if k == "train" else saved.get(k)) != (_comparable(run_config.get(k, {})) if k == "train" else run_config.get(k)))
+    if differ:
+        raise CheckpointMismatchError(f"{ckpt_dir} was written with a different {', '.join(differ)}; delete it to start afresh")
+    restore(ckpt, modules, optimizer)
+    return ckpt.state["step"], ckpt.state["epoch"], ckpt.state.get("metrics", {}), True
+
+
 def train_phase1(
     features,
     manifest: pl.DataFrame,
@@ -191,14 +210,7 @@ def train_phase1(
 
     run_config = {"model": model_cfg.to_dict(), "train": asdict(cfg), "data": _data_key(features, train)}
     run_config = json.loads(json.dumps(run_config))  # compare as stored: tuples become lists
-    step, start_epoch, metrics = 0, 0, {}
-    ckpt = load_checkpoint(ckpt_dir, device)
-    if ckpt is not None:
-        saved = ckpt.state["config"]
-        if saved["model"] != run_config["model"] or _comparable(saved["train"]) != _comparable(run_config["train"]) or saved["data"] != run_config["data"]:
-            raise CheckpointMismatchError(f"{ckpt_dir} was written with a different model, training config or data; delete it to start afresh")
-        restore(ckpt, {"phase1": model}, optimizer)
-        step, start_epoch, metrics = ckpt.state["step"], ckpt.state["epoch"], ckpt.state.get("metrics", {})
+    step, start_epoch, metrics, resumed = resume(ckpt_dir, device, run_config, {"phase1": model}, optimizer)
     print(f"phase1: train {train}, val {val}, gallery {len(gallery)} points, device {device}, from epoch {start_epoch}")
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -232,7 +244,7 @@ def train_phase1(
         print(f"phase1 epoch {epoch + 1}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if last or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0):
             save_checkpoint(ckpt_dir, {"phase1": model}, optimizer, {"config": run_config, "step": step, "epoch": epoch + 1, "metrics": metrics, "complete": last})
-    if cfg.epochs == 0 and ckpt is None:
+    if cfg.epochs == 0 and not resumed:
         # epochs=0 saves the untrained model (GeoCLIP-initialised location encoder): the baseline that
         # "trained beats untrained" is measured against, through the same pipeline.
         save_checkpoint(ckpt_dir, {"phase1": model}, optimizer, {"config": run_config, "step": 0, "epoch": 0, "metrics": {}, "complete": True})

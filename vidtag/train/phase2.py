@@ -18,13 +18,11 @@ from vidtag.models.bundle import Bundle, save_bundle
 from vidtag.models.config import GeoRefinerConfig, VidTAGConfig
 from vidtag.models.georefiner import GeoRefiner
 from vidtag.train.batches import FeatureTensors, SequenceTable, build_sequences, epoch_order, feature_source, sample_frames
-from vidtag.train.checkpoint import load_checkpoint, restore, save_checkpoint
+from vidtag.train.checkpoint import save_checkpoint
 from vidtag.train.losses import weighted_hinge_loss
 from vidtag.train.noise import NoiseConfig, corrupt_gps
 from vidtag.train.phase1 import (
-    CheckpointMismatchError,
     TrainingError,
-    _comparable,
     _log,
     check_finite,
     embed_sequences,
@@ -33,6 +31,7 @@ from vidtag.train.phase1 import (
     load_phase1,
     lr_at,
     progress,
+    resume,
     retrieval_metrics,
     top1,
 )
@@ -151,14 +150,7 @@ def train_phase2(
     # The whole Phase I run config: resuming on top of a Phase I trained differently would be stale.
     run_config = {"model": model_cfg.to_dict(), "train": asdict(cfg), "phase1": p1_config}
     run_config = json.loads(json.dumps(run_config))  # compare as stored: tuples become lists
-    step, start_epoch, metrics = 0, 0, {}
-    ckpt = load_checkpoint(checkpoint_dir, device)
-    if ckpt is not None:
-        saved = ckpt.state["config"]
-        if saved["model"] != run_config["model"] or _comparable(saved["train"]) != _comparable(run_config["train"]):
-            raise CheckpointMismatchError(f"{checkpoint_dir} was written with a different model or training config; delete it to start afresh")
-        restore(ckpt, {"refiner": refiner}, optimizer)
-        step, start_epoch, metrics = ckpt.state["step"], ckpt.state["epoch"], ckpt.state.get("metrics", {})
+    step, start_epoch, metrics, resumed = resume(checkpoint_dir, device, run_config, {"refiner": refiner}, optimizer)
     print(f"phase2: train {train}, val {val}, device {device}, from epoch {start_epoch}")
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -200,7 +192,7 @@ def train_phase2(
         print(f"phase2 epoch {epoch + 1}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if last or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0):
             save_checkpoint(checkpoint_dir, {"refiner": refiner}, optimizer, {"config": run_config, "step": step, "epoch": epoch + 1, "metrics": metrics, "complete": last})
-    if cfg.epochs == 0 and ckpt is None:  # the untrained refiner, as phase1 does for its baseline
+    if cfg.epochs == 0 and not resumed:  # the untrained refiner, as phase1 does for its baseline
         save_checkpoint(checkpoint_dir, {"refiner": refiner}, optimizer, {"config": run_config, "step": 0, "epoch": 0, "metrics": {}, "complete": True})
 
     attrs = dict(getattr(features, "attrs", {}) or {})
