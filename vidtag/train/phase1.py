@@ -81,6 +81,15 @@ def progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> None:
+    """One update at learning rate ``lr`` (the schedule is a plain function, lr_at)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def check_finite(loss: torch.Tensor, where: str, ckpt_dir: Path) -> None:
     if not torch.isfinite(loss):
         kept = f"the last good checkpoint is kept at {ckpt_dir}" if ckpt_dir.exists() else "no checkpoint was written yet"
@@ -229,11 +238,7 @@ def train_phase1(
             targets = positive_targets(gps, cfg.positive_radius_km)
             loss = contrastive_loss(emb, model.location_encoder(gps), model.logit_scale, targets, cfg.symmetric)
             check_finite(loss, f"phase1 epoch {epoch + 1} step {step + 1}", ckpt_dir)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg.lr, step, epoch, cfg.warmup_steps, cfg.lr_gamma)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(optimizer, loss, lr_at(cfg.lr, step, epoch, cfg.warmup_steps, cfg.lr_gamma))
             step += 1
             losses.append(loss.item())
         metrics = {"train_loss": float(np.mean(losses)), "logit_scale": float(model.logit_scale.detach().exp()), "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.perf_counter() - t0}

@@ -30,6 +30,7 @@ from vidtag.train.phase1 import (
     gallery_embeddings,
     load_phase1,
     lr_at,
+    optimizer_step,
     progress,
     resume,
     retrieval_metrics,
@@ -174,11 +175,7 @@ def train_phase2(
             refined = refiner(frame_emb, g_noisy, pad)  # (B, T, D)
             loss, loss_parts = weighted_hinge_loss(refined, g_true, pad, cfg.alpha, cfg.beta, cfg.video_weight)
             check_finite(loss, f"phase2 epoch {epoch + 1} step {step + 1}", checkpoint_dir)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg.lr, step, epoch, cfg.warmup_steps, cfg.lr_gamma)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(optimizer, loss, lr_at(cfg.lr, step, epoch, cfg.warmup_steps, cfg.lr_gamma))
             step += 1
             losses.append(loss.item())
             for k, v in loss_parts.items():
