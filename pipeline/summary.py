@@ -6,22 +6,49 @@ import json
 import sys
 from pathlib import Path
 
-GROUPS = ("frame", "video", "trajectory", "city")
-# The JSON is written with sorted keys; print thresholds in increasing order instead.
-ORDER = ["acc_0.5km", "acc_1km", "acc_5km", "acc_25km", "median_km", "dfd_deg", "mrd_deg", "dfd_km", "mrd_km"]
+GROUPS = ("frame", "video", "trajectory", "shape", "city")
+PHASE1_GROUPS = ("frame", "trajectory", "shape")
+# The JSON is written with sorted keys; print accuracies by increasing threshold (acc_0.1km before
+# acc_1km, whatever metrics.THRESHOLDS_KM holds), then the rest in this order, each shape metric beside
+# its yardstick.
+ORDER = ["median_km", "dfd_deg", "mrd_deg", "dfd_km", "mrd_km",
+         "path_length_ratio", "n_path_length_ratio", "distinct_points", "distinct_true_cells", "distinct_ratio",
+         "dfd_km_right_city", "mrd_km_right_city", "n_right_city"]
+
+
+def _cell(key: str, value) -> str:
+    if value is None:  # e.g. no sequence placed in the right city: nothing to average
+        return f"{key}=n/a"
+    return f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
+
+
+def _sort_key(key: str) -> tuple:
+    if key.startswith("acc_") and key.endswith("km"):
+        try:
+            return (0, float(key[4:-2]), 0)
+        except ValueError:
+            pass
+    return (1, 0.0, ORDER.index(key) if key in ORDER else len(ORDER))
 
 
 def _cells(values: dict) -> str:
-    keys = sorted(values, key=lambda k: ORDER.index(k) if k in ORDER else len(ORDER))
-    return "  ".join(f"{k}={values[k]:.3f}" if isinstance(values[k], float) else f"{k}={values[k]}" for k in keys)
+    keys = sorted(values, key=_sort_key)  # stable: unknown keys keep the JSON's order, at the end
+    return "  ".join(_cell(k, values[k]) for k in keys)
 
 
 def format_metrics(metrics: dict) -> str:
-    lines = [f"  {group:<10} {_cells(metrics[group])}" for group in GROUPS if metrics.get(group)]
-    for group in ("frame", "trajectory"):
+    lines = [f"  {group:<17} {_cells(metrics[group])}" for group in GROUPS if metrics.get(group)]
+    for group in PHASE1_GROUPS:
         values = metrics.get("phase1", {}).get(group)
         if values:
-            lines.append(f"  {'phase1 ' + group:<10} {_cells(values)}   (Phase I alone, before GeoRefiner)")
+            lines.append(f"  {'phase1 ' + group:<17} {_cells(values)}   (Phase I alone, before GeoRefiner)")
+    if metrics.get("shape") or metrics.get("phase1", {}).get("shape"):
+        lines += [
+            "  shape: path_length_ratio = predicted / true path length, median over the n_path_length_ratio moving",
+            "         sequences (1 right, 0 one point per video, > 1 jitter); distinct_points vs distinct_true_cells =",
+            "         distinct predicted points vs gallery cells under the true drive, per sequence (mean);",
+            "         *_right_city = DFD/MRD km over the n_right_city sequences with video-level error <= 25 km",
+        ]
     return "\n".join(lines)
 
 

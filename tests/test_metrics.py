@@ -9,8 +9,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vidtag import metrics
-from vidtag.geo import KM_PER_DEG_LAT, haversine_km, km_per_deg_lon
-from vidtag.metrics import discrete_frechet, discrete_frechet_many, evaluate, mean_range_difference, per_sequence
+from pipeline.summary import format_metrics
+from vidtag.geo import KM_PER_DEG_LAT, haversine_km, km_per_deg_lon, offset_km, pairwise_haversine_km
+from vidtag.metrics import (
+    THRESHOLDS_KM,
+    discrete_frechet,
+    discrete_frechet_many,
+    distinct_cells,
+    distinct_points,
+    evaluate,
+    mean_range_difference,
+    nearest_gallery_index,
+    path_length_ratios,
+    path_lengths_km,
+    per_sequence,
+)
 
 # Curves of (lat, lon) points away from the poles and the antimeridian, where deg-Euclidean is meaningful.
 point_s = st.tuples(st.floats(-60, 60), st.floats(-170, 170))
@@ -41,8 +54,17 @@ def reference_frechet_km(a, b):
 
 
 def test_accuracy_at_counts_errors_up_to_and_including_the_threshold():
-    acc = metrics.accuracy_at([0.4, 0.5, 0.9, 4.0, 30.0])
-    assert acc == {"acc_0.5km": 40.0, "acc_1km": 60.0, "acc_5km": 80.0, "acc_25km": 80.0, "median_km": 0.9}
+    acc = metrics.accuracy_at([0.05, 0.25, 0.4, 0.5, 0.9, 4.0, 30.0, 100.0])
+    assert acc == {"acc_0.1km": 12.5, "acc_0.25km": 25.0, "acc_0.5km": 50.0, "acc_1km": 62.5, "acc_5km": 75.0,
+                   "acc_25km": 75.0, "median_km": 0.7}
+
+
+def test_one_set_of_thresholds_holds_the_paper_ones_and_the_sub_km_ones():
+    # Sec. 4.3 reports 0.5 / 1 / 5 / 25 km; 0.1 and 0.25 km resolve per-frame placement on short drives.
+    assert THRESHOLDS_KM == tuple(sorted(THRESHOLDS_KM))
+    assert {0.1, 0.25, 0.5, 1.0, 5.0, 25.0} == set(THRESHOLDS_KM)
+    keys = list(metrics.accuracy_at([1.0]))
+    assert keys == ["acc_0.1km", "acc_0.25km", "acc_0.5km", "acc_1km", "acc_5km", "acc_25km", "median_km"]
 
 
 def test_accuracy_at_rejects_empty_input():
@@ -237,10 +259,12 @@ def test_evaluate_tiny_hand_made_frame():
     assert json.loads(json.dumps(out)) == out  # goes straight into metrics/eval.json
     far_km = 0.98 * KM_PER_DEG_LAT  # 0.98° of longitude on the equator
     s2_km = float(haversine_km(10.0, 20.5, 10.0, 20.0))
-    assert set(out) == {"frame", "video", "trajectory", "n_frames", "n_sequences", "n_frames_excluded"}
+    assert set(out) == {"frame", "video", "trajectory", "shape", "n_frames", "n_sequences", "n_frames_excluded"}
     assert (out["n_frames"], out["n_sequences"], out["n_frames_excluded"]) == (4, 2, 1)
     # Frame errors: 0, 0, far_km, s2_km.
     assert out["frame"] == {
+        "acc_0.1km": 50.0,
+        "acc_0.25km": 50.0,
         "acc_0.5km": 50.0,
         "acc_1km": 50.0,
         "acc_5km": 50.0,
@@ -249,6 +273,7 @@ def test_evaluate_tiny_hand_made_frame():
     }
     # Video: s1's predicted centroid is nearest its (0, 0.01) prediction = its GT centroid; s2 has one frame.
     assert out["video"]["acc_0.5km"] == 50.0
+    assert s2_km > 25.0
     assert out["video"]["median_km"] == pytest.approx(s2_km / 2)
     # Trajectory, mean over the two sequences: DFD is set by the last s1 frame and by s2's lone frame;
     # s1's longitude range is 1.0 vs 0.02 (latitude ranges are 0), s2's ranges are 0.
@@ -256,16 +281,30 @@ def test_evaluate_tiny_hand_made_frame():
     assert out["trajectory"]["dfd_km"] == pytest.approx((far_km + s2_km) / 2)
     assert out["trajectory"]["mrd_deg"] == pytest.approx((0.98 / 2 + 0.0) / 2)
     assert out["trajectory"]["mrd_km"] == pytest.approx((far_km / 2 + 0.0) / 2)
+    # Shape: s1 moves 0.02° of longitude but its prediction 1°; s2 has one frame with GT, so no ratio.
+    assert out["shape"] == {
+        "path_length_ratio": pytest.approx(50.0),
+        "n_path_length_ratio": 1,
+        "distinct_points": 2.0,  # s1: 3 points, s2: 1
+        "dfd_km_right_city": pytest.approx(far_km),  # s2 is placed s2_km (> 25 km) away: left out
+        "mrd_km_right_city": pytest.approx(far_km / 2),
+        "n_right_city": 1,
+    }
 
 
 def test_per_sequence_table():
     table = per_sequence(tiny_predictions())
-    assert table.columns == ["sequence_id", "n_frames", "median_km", "video_error_km", "dfd_deg", "dfd_km", "mrd_deg", "mrd_km"]
+    assert table.columns == ["sequence_id", "n_frames", "median_km", "video_error_km", "dfd_deg", "dfd_km", "mrd_deg", "mrd_km",
+                             "path_length_km", "true_path_length_km", "path_length_ratio", "distinct_points"]
     assert table["sequence_id"].to_list() == ["s1", "s2"]
     assert table["n_frames"].to_list() == [3, 1]
     assert table["median_km"][0] == 0.0
     assert table["video_error_km"][0] == pytest.approx(0.0, abs=1e-6)
     assert table["dfd_deg"].to_list() == pytest.approx([0.98, 0.5])
+    assert table["path_length_km"].to_list() == pytest.approx([KM_PER_DEG_LAT, 0.0])
+    assert table["true_path_length_km"].to_list() == pytest.approx([0.02 * KM_PER_DEG_LAT, 0.0])
+    assert table["path_length_ratio"].to_list() == [pytest.approx(50.0), None]  # s2 did not move: no ratio
+    assert table["distinct_points"].to_list() == [3, 1]
 
 
 def test_evaluate_length_one_sequences():
@@ -315,7 +354,7 @@ def test_evaluate_with_gps_and_labels_has_every_group():
         pl.lit("Quito").alias("city"), pl.Series("pred_city", ["Quito", "Quito", "Lima", "Quito", "Lima"])
     )
     out = evaluate(df, label_level="frame")
-    assert set(out) == {"frame", "video", "trajectory", "city", "n_frames", "n_sequences", "n_frames_excluded"}
+    assert set(out) == {"frame", "video", "trajectory", "shape", "city", "n_frames", "n_sequences", "n_frames_excluded"}
     assert out["city"] == {"city": 60.0}
 
 
@@ -342,3 +381,199 @@ def test_evaluate_rejects_bad_input_with_the_row_named(change, message):
 def test_evaluate_rejects_unknown_label_level():
     with pytest.raises(ValueError, match="label_level"):
         evaluate(tiny_predictions(), label_level="city")
+
+
+# ---------------------------------------------------------------------------------------------
+# Trajectory shape: path length, distinct points, gallery cells, right-city DFD/MRD
+
+
+def drive(n: int = 21, length_km: float = 2.0, lat0: float = 47.37, lon0: float = 8.54):
+    """A straight drive north of ``length_km`` sampled at n evenly spaced frames -> lat, lon (n,)."""
+    t = np.linspace(0.0, 1.0, n)
+    return offset_km(lat0, lon0, north_km=length_km * t, east_km=np.zeros(n))
+
+
+def street_gallery(lat0: float = 47.37, lon0: float = 8.54, spacing_km: float = 0.1):
+    """Gallery points every ``spacing_km`` on a 1 km-wide, 4 km-long grid around the drive -> (G, 2)."""
+    north, east = np.meshgrid(np.arange(-10, 31) * spacing_km, np.arange(-5, 6) * spacing_km, indexing="ij")
+    lat, lon = offset_km(lat0, lon0, north_km=north.ravel(), east_km=east.ravel())
+    return np.stack([lat, lon], axis=1)
+
+
+def predictions_table(**seqs) -> pl.DataFrame:
+    """sequence_id=(lat, lon, gt_lat, gt_lon) arrays -> a predictions DataFrame."""
+    frames = [
+        pl.DataFrame({"sequence_id": sid, "frame_index": np.arange(len(la)), "lat": la, "lon": lo, "gt_lat": gla, "gt_lon": glo})
+        for sid, (la, lo, gla, glo) in seqs.items()
+    ]
+    return pl.concat(frames)
+
+
+def test_one_point_per_video_has_ratio_zero_and_one_distinct_point():
+    gt_lat, gt_lon = drive(21, 2.0)
+    gallery = street_gallery()
+    # The prediction is one gallery point (the drive's middle) for every frame: frame errors stay within
+    # 1 km and the video-level error is 0, but the shape metrics see a single point.
+    p_lat, p_lon = np.full(21, gt_lat[10]), np.full(21, gt_lon[10])
+    df = predictions_table(v=(p_lat, p_lon, gt_lat, gt_lon))
+    out = evaluate(df, gallery)
+    assert out["frame"]["acc_5km"] == 100.0 and out["video"]["acc_0.1km"] == 100.0
+    assert out["frame"]["acc_0.25km"] == pytest.approx(100 * 5 / 21)  # frames 8-12, within 200 m
+    assert out["shape"]["path_length_ratio"] == 0.0
+    assert out["shape"]["distinct_points"] == 1.0
+    assert out["shape"]["distinct_true_cells"] == 21.0  # frames 100 m apart, gallery every 100 m
+    assert out["shape"]["distinct_ratio"] == pytest.approx(1 / 21)
+    row = per_sequence(df, gallery).row(0, named=True)
+    assert row["path_length_km"] == 0.0 and row["true_path_length_km"] == pytest.approx(2.0, rel=1e-6)
+    assert (row["path_length_ratio"], row["distinct_points"], row["distinct_true_cells"]) == (0.0, 1, 21)
+
+
+def test_perfect_prediction_has_ratio_one_and_as_many_points_as_true_cells():
+    # GPS 30 m off the gallery points; a perfect retrieval predicts each frame's nearest gallery point.
+    gt_lat, gt_lon = drive(41, 2.0)
+    gt_lat, gt_lon = offset_km(gt_lat, gt_lon, north_km=0.0, east_km=0.03)
+    gallery = street_gallery()
+    snapped = gallery[nearest_gallery_index(np.stack([gt_lat, gt_lon], axis=1), gallery)]
+    df = predictions_table(v=(snapped[:, 0], snapped[:, 1], gt_lat, gt_lon))
+    out = evaluate(df, gallery)["shape"]
+    assert out["path_length_ratio"] == pytest.approx(1.0, abs=0.03)
+    assert out["distinct_points"] == out["distinct_true_cells"] == 21.0  # 41 frames every 50 m, cells every 100 m
+    assert out["distinct_ratio"] == 1.0
+    # The truth itself as the prediction: ratio exactly 1.
+    exact = evaluate(predictions_table(v=(gt_lat, gt_lon, gt_lat, gt_lon)))["shape"]
+    assert exact["path_length_ratio"] == pytest.approx(1.0, rel=1e-12)
+
+
+def test_jitter_gives_a_path_length_ratio_above_one():
+    gt_lat, gt_lon = drive(21, 2.0)
+    side = np.where(np.arange(21) % 2 == 0, 0.3, -0.3)  # alternating 300 m east / west of the truth
+    p_lat, p_lon = offset_km(gt_lat, gt_lon, north_km=0.0, east_km=side)
+    table = per_sequence(predictions_table(v=(p_lat, p_lon, gt_lat, gt_lon)))
+    # Each 100 m step becomes a ~600 m zig-zag: ratio about sqrt(0.6^2 + 0.1^2) / 0.1.
+    assert table["path_length_ratio"][0] == pytest.approx(np.hypot(0.6, 0.1) / 0.1, rel=1e-3)
+    assert table["path_length_ratio"][0] > 1
+
+
+def test_right_city_filter_excludes_a_sequence_placed_300_km_away():
+    gt_lat, gt_lon = drive(21, 2.0)
+    far_lat, far_lon = offset_km(gt_lat, gt_lon, north_km=300.0, east_km=0.0)
+    df = predictions_table(near=(gt_lat, gt_lon, gt_lat, gt_lon), far=(far_lat, far_lon, gt_lat, gt_lon))
+    out = evaluate(df)
+    assert out["trajectory"]["dfd_km"] == pytest.approx(150.0, rel=1e-3)  # mean over both: 0 and 300 km
+    assert out["shape"]["n_right_city"] == 1
+    assert out["shape"]["dfd_km_right_city"] == pytest.approx(0.0, abs=1e-6)
+    assert out["shape"]["mrd_km_right_city"] == pytest.approx(0.0, abs=1e-6)
+    # The far drive has the right shape: ratio 1 for both, shape is independent of placement.
+    assert out["shape"]["path_length_ratio"] == pytest.approx(1.0, rel=1e-3)
+    # Nothing placed in the right city: None, not a mean over nothing.
+    only_far = evaluate(df.filter(pl.col("sequence_id") == "far"))["shape"]
+    assert only_far["n_right_city"] == 0
+    assert only_far["dfd_km_right_city"] is None and only_far["mrd_km_right_city"] is None
+
+
+def test_sequences_that_do_not_move_are_left_out_of_the_path_length_median():
+    gt_lat, gt_lon = drive(21, 2.0)
+    parked = (np.full(5, 47.0), np.full(5, 8.0), np.full(5, 47.0), np.full(5, 8.0))
+    df = predictions_table(a_moving=(gt_lat, gt_lon, gt_lat, gt_lon), b_parked=parked)
+    table = per_sequence(df)
+    assert table["path_length_ratio"].to_list() == [pytest.approx(1.0), None]
+    shape = evaluate(df)["shape"]
+    assert shape["path_length_ratio"] == pytest.approx(1.0) and shape["n_path_length_ratio"] == 1
+    parked_only = evaluate(df.filter(pl.col("sequence_id") == "b_parked"))["shape"]
+    assert parked_only["path_length_ratio"] is None and parked_only["n_path_length_ratio"] == 0
+    assert json.loads(json.dumps(parked_only)) == parked_only
+
+
+def test_gallery_keys_only_with_a_gallery():
+    df = tiny_predictions()
+    assert {"distinct_true_cells", "distinct_ratio"}.isdisjoint(evaluate(df)["shape"])
+    assert "distinct_true_cells" not in per_sequence(df).columns
+    # A gallery with one point: every true frame falls in the same cell.
+    out = evaluate(df, np.array([[0.0, 0.0]]))["shape"]
+    assert out["distinct_true_cells"] == 1.0 and out["distinct_ratio"] == 2.0
+    assert per_sequence(df, np.array([[0.0, 0.0]]))["distinct_true_cells"].to_list() == [1, 1]
+
+
+@pytest.mark.parametrize(
+    ("gallery", "error", "message"),
+    [
+        ("frame", TypeError, "label_level is a keyword"),
+        (np.zeros((0, 2)), ValueError, "n >= 1"),
+        (np.zeros((3, 3)), ValueError, r"shape \(3, 3\)"),
+        (np.array([[0.0, 0.0], [91.0, 0.0]]), ValueError, r"gallery_latlon\[1\]"),
+    ],
+)
+def test_evaluate_rejects_a_bad_gallery(gallery, error, message):
+    with pytest.raises(error, match=message):
+        evaluate(tiny_predictions(), gallery)
+
+
+@pytest.mark.parametrize("block", [1, 7, 1000, metrics.NN_BLOCK])
+def test_nearest_gallery_index_is_exact_in_any_chunking(block):
+    rng = np.random.default_rng(0)
+    q = np.c_[rng.uniform(-90, 90, 300), rng.uniform(-180, 180, 300)]
+    q = np.concatenate([q, q[:50]])  # repeated queries
+    g = np.c_[rng.uniform(-90, 90, 700), rng.uniform(-180, 180, 700)]
+    got = nearest_gallery_index(q, g, block=block)
+    assert got.dtype == np.int64 and got.shape == (350,)
+    np.testing.assert_array_equal(got, pairwise_haversine_km(q, g).argmin(axis=1))
+
+
+def test_nearest_gallery_index_across_the_antimeridian_and_ties():
+    g = np.array([[0.0, -179.9], [0.0, 179.0], [0.0, 170.0], [0.0, -179.9]])
+    assert nearest_gallery_index([[0.0, 179.95], [0.0, 175.0]], g).tolist() == [0, 1]  # 0 over its duplicate 3
+    assert nearest_gallery_index(np.zeros((0, 2)), g).shape == (0,)
+
+
+def test_list_functions_agree_with_the_table():
+    gt_lat, gt_lon = drive(11, 1.0)
+    side = np.where(np.arange(11) % 2 == 0, 0.05, -0.05)
+    p_lat, p_lon = offset_km(gt_lat, gt_lon, north_km=0.0, east_km=side)
+    pred, true = np.stack([p_lat, p_lon], 1), np.stack([gt_lat, gt_lon], 1)
+    table = per_sequence(predictions_table(a=(p_lat, p_lon, gt_lat, gt_lon), b=(gt_lat[:1], gt_lon[:1], gt_lat[:1], gt_lon[:1])),
+                         street_gallery())
+    assert path_lengths_km([pred, pred[:1]]).tolist() == pytest.approx(table["path_length_km"].to_list())
+    ratios = path_length_ratios([pred, pred[:1]], [true, true[:1]])
+    assert ratios[0] == pytest.approx(table["path_length_ratio"][0]) and np.isnan(ratios[1])
+    assert distinct_points([pred, pred[:1]]).tolist() == table["distinct_points"].to_list() == [11, 1]
+    assert distinct_cells([true, true[:1]], street_gallery()).tolist() == table["distinct_true_cells"].to_list() == [11, 1]
+    with pytest.raises(ValueError, match="wrap a single sequence"):
+        path_lengths_km(pred)
+
+
+@settings(max_examples=50, deadline=None)
+@given(curve_s, st.integers(0, 3))
+def test_path_length_ratio_is_one_for_the_truth_and_zero_for_a_point(curve, k):
+    if path_lengths_km([curve])[0] < metrics.MIN_TRUE_PATH_KM:
+        assert np.isnan(path_length_ratios([curve], [curve])[0])
+        return
+    assert path_length_ratios([curve], [curve])[0] == pytest.approx(1.0)
+    point = np.repeat(curve[k % len(curve)][None], len(curve), axis=0)
+    assert path_length_ratios([point], [curve])[0] == 0.0
+    assert distinct_points([point])[0] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# pipeline/summary.py prints every group, Phase I's shape too
+
+
+def test_summary_prints_shape_for_final_and_phase1():
+    gt_lat, gt_lon = drive(21, 2.0)
+    one = (np.full(21, gt_lat[10]), np.full(21, gt_lon[10]), gt_lat, gt_lon)
+    final = evaluate(predictions_table(v=(gt_lat, gt_lon, gt_lat, gt_lon)), street_gallery())
+    p1 = evaluate(predictions_table(v=one), street_gallery())
+    final["phase1"] = {k: p1[k] for k in ("frame", "video", "trajectory", "shape")}
+    text = format_metrics(json.loads(json.dumps(final)))
+    lines = {line.split()[0] + (" " + line.split()[1] if line.split()[0] == "phase1" else ""): line for line in text.splitlines()}
+    assert "path_length_ratio=1.000" in lines["shape"] and "distinct_ratio=1.000" in lines["shape"]
+    assert "path_length_ratio=0.000" in lines["phase1 shape"] and "distinct_points=1.000" in lines["phase1 shape"]
+    assert "n_right_city=1" in lines["phase1 shape"]
+    frame = lines["frame"]
+    assert frame.index("acc_0.1km=") < frame.index("acc_0.25km=") < frame.index("acc_0.5km=") < frame.index("acc_1km=") \
+        < frame.index("acc_25km=") < frame.index("median_km=")
+
+
+def test_summary_shows_missing_shape_values_as_na():
+    text = format_metrics({"shape": {"path_length_ratio": None, "n_path_length_ratio": 0, "distinct_points": 1.0,
+                                     "dfd_km_right_city": None, "mrd_km_right_city": None, "n_right_city": 0}})
+    assert "path_length_ratio=n/a" in text and "dfd_km_right_city=n/a" in text and "n_right_city=0" in text

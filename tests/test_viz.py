@@ -1,11 +1,14 @@
 """vidtag.viz: plot data for DVC and offline trajectory maps."""
 
+import inspect
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from vidtag import metrics, viz
 from vidtag.geo import offset_km
-from vidtag.viz import accuracy_by_threshold, error_cdf, local_km, nice_length_km, trajectory_map
+from vidtag.viz import accuracy_by_threshold, error_cdf, local_km, nice_length_km, threshold_grid_km, trajectory_map
 
 
 def test_error_cdf_percentiles():
@@ -19,6 +22,35 @@ def test_error_cdf_percentiles():
 def test_accuracy_by_threshold_counts_inclusive():
     acc = accuracy_by_threshold({"final": np.array([0.2, 0.5, 3.0, 30.0])}, thresholds_km=(0.5, 1.0, 25.0, 100.0))
     assert acc["final"].to_list() == [50.0, 50.0, 75.0, 100.0]
+    assert acc["label"].to_list() == ["acc_0.5km", "acc_1km", "acc_25km", None]  # 100 km is not a reported threshold
+
+
+def test_viz_uses_the_one_set_of_thresholds_from_metrics():
+    assert viz.THRESHOLDS_KM is metrics.THRESHOLDS_KM
+    assert "THRESHOLDS_KM =" not in inspect.getsource(viz)  # imported, not defined a second time
+
+
+def test_accuracy_curve_is_log_spaced_and_labels_exactly_the_metrics_thresholds():
+    grid = threshold_grid_km()
+    assert np.all(np.diff(grid) > 0) and grid[0] == min(metrics.THRESHOLDS_KM) and grid[-1] == viz.CURVE_MAX_KM
+    assert set(metrics.THRESHOLDS_KM) <= set(grid.tolist())  # every reported threshold lies on the curve exactly
+    steps = np.diff(np.log10(grid))
+    assert steps.max() <= 1.0 / viz.CURVE_POINTS_PER_DECADE * 1.34 and steps.min() > 0.02  # evenly log-spaced, no near-duplicates
+    errors = np.random.default_rng(0).lognormal(0.0, 2.0, 1000)
+    acc = accuracy_by_threshold({"final": errors, "phase1": 2 * errors})
+    assert acc.columns == ["threshold_km", "final", "phase1", "label"]
+    labelled = acc.filter(acc["label"].is_not_null())
+    # The labelled points are the very numbers evaluate() writes to metrics/eval.json.
+    expected = metrics.accuracy_at(errors)
+    assert labelled["label"].to_list() == [metrics.acc_key(t) for t in metrics.THRESHOLDS_KM]
+    assert labelled["final"].to_list() == [expected[k] for k in labelled["label"]]
+    assert labelled["threshold_km"].to_list() == list(metrics.THRESHOLDS_KM)
+    assert np.all(np.diff(acc["final"].to_numpy()) >= 0)  # a CDF: never decreases
+
+
+def test_accuracy_by_threshold_refuses_names_that_clash_with_its_columns():
+    with pytest.raises(ValueError, match="reserved"):
+        accuracy_by_threshold({"label": np.array([1.0])})
 
 
 def test_local_km_is_true_to_scale_and_unwraps_the_dateline():

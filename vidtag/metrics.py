@@ -1,4 +1,6 @@
-"""Evaluation metrics of the paper (Sec. 4.3, Appendix E): distance accuracy, trajectory quality.
+"""Evaluation metrics of the paper (Sec. 4.3, Appendix E): distance accuracy, trajectory quality, plus
+trajectory-shape diagnostics (path-length ratio, distinct points vs gallery cells, DFD/MRD over the
+sequences placed in the right city) that are not in the paper.
 
 Everything is pure numpy, vectorised over frames and sequences, and does no I/O.
 
@@ -23,14 +25,25 @@ import polars as pl
 
 from vidtag.geo import EARTH_RADIUS_KM, KM_PER_DEG_LAT, haversine_km, km_per_deg_lon, unit_vectors, validate_latlon, wrap_lon
 
-THRESHOLDS_KM = (0.5, 1.0, 5.0, 25.0)  # Sec. 4.3: accuracy at 0.5 / 1 / 5 / 25 km (Tables 1-2)
+# The one set of accuracy thresholds (vidtag.viz imports it): Sec. 4.3's 0.5 / 1 / 5 / 25 km (Tables 1-2)
+# plus 0.1 and 0.25 km, which tell a per-frame trajectory from one point per video on drives of a few km.
+THRESHOLDS_KM = (0.1, 0.25, 0.5, 1.0, 5.0, 25.0)
+# A sequence is "placed in the right city" when its video-level error (Appendix E.1) is within Sec. 4.3's
+# 25 km threshold, the city scale; counted with <= like the accuracies, so n_right_city equals
+# video acc_25km x n_sequences / 100.
+RIGHT_CITY_KM = 25.0
+# Sequences whose true path is shorter than this (a parked camera, one frame) have no path-length ratio.
+MIN_TRUE_PATH_KM = 1e-6
+# Nearest-gallery search: at most this many (query x gallery) dot products held at once (8 bytes each).
+NN_BLOCK = 1 << 22
 LABEL_LEVELS = ("city", "state", "country", "continent")  # CityGuessr68k hierarchy (Table 3)
 METRICS = ("deg", "km")
 PREDICTION_COLUMNS = ("sequence_id", "frame_index", "lat", "lon", "gt_lat", "gt_lon")
 
 
-def _acc_key(threshold_km: float) -> str:
-    return f"acc_{threshold_km:g}km"  # 0.5 -> "acc_0.5km", 1.0 -> "acc_1km"
+def acc_key(threshold_km: float) -> str:
+    """Metrics-format key of an accuracy threshold: 0.5 -> ``"acc_0.5km"``, 1.0 -> ``"acc_1km"``."""
+    return f"acc_{threshold_km:g}km"
 
 
 def _check_metric(metric: str) -> None:
@@ -47,7 +60,7 @@ def accuracy_at(dist_km, thresholds_km: Sequence[float] = THRESHOLDS_KM) -> dict
     d = np.asarray(dist_km, dtype=np.float64).ravel()
     if d.size == 0:
         raise ValueError("accuracy_at needs at least one distance, got an empty array")
-    out = {_acc_key(t): float(100.0 * np.mean(d <= t)) for t in thresholds_km}
+    out = {acc_key(t): float(100.0 * np.mean(d <= t)) for t in thresholds_km}
     out["median_km"] = float(np.median(d))
     return out
 
@@ -316,6 +329,164 @@ def mean_range_difference(seqs_a: Sequence, seqs_b: Sequence, metric: str = "deg
 
 
 # ----------------------------------------------------------------------------------------------
+# Trajectory shape: path length, distinct points, nearest gallery cell
+#
+# DFD and MRD (Appendix E.2-E.3) do not tell a trajectory from one point per video on a drive of a few
+# km, and the accuracies of Sec. 4.3 are dominated by how far off the video is. These metrics look at
+# the shape alone: how far the prediction travels against the truth, and how many distinct gallery
+# points it uses against the gallery cells the true drive passes through (predictions are gallery
+# points, Sec. 3.1's frame-to-GPS retrieval, so a perfect prediction uses exactly those cells).
+
+
+def _segment_path_km(lat: np.ndarray, lon: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Sum of consecutive great-circle steps within each segment -> (S,); a one-point segment has 0."""
+    step = np.zeros(lat.shape, dtype=np.float64)
+    step[1:] = haversine_km(lat[:-1], lon[:-1], lat[1:], lon[1:])
+    step[starts] = 0.0  # no step across a segment boundary
+    return np.add.reduceat(step, starts)
+
+
+def _segment_n_unique(keys: Sequence[np.ndarray], seg: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Number of distinct key tuples in each segment -> (S,) int64; ``seg`` must be sorted."""
+    order = np.lexsort((*keys, seg))  # segment first, so segment s still occupies [starts[s], starts[s+1])
+    new = np.zeros(len(seg), dtype=bool)
+    for k in keys:
+        ks = k[order]
+        new[1:] |= ks[1:] != ks[:-1]
+    new[starts] = True
+    return np.add.reduceat(new.astype(np.int64), starts)
+
+
+def _path_ratio(pred_km: np.ndarray, true_km: np.ndarray) -> np.ndarray:
+    """pred / true, NaN where the true path is shorter than MIN_TRUE_PATH_KM (undefined ratio)."""
+    moving = true_km >= MIN_TRUE_PATH_KM
+    return np.divide(pred_km, true_km, out=np.full(pred_km.shape, np.nan), where=moving)
+
+
+def _as_latlon(x, name: str, allow_empty: bool = False) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 2 or a.shape[1] != 2 or (a.shape[0] == 0 and not allow_empty):
+        raise ValueError(f"{name} must be an (n, 2) array of (lat, lon) degrees with n >= 1, got shape {a.shape}")
+    bad = ~validate_latlon(a[:, 0], a[:, 1])
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{name}[{r}] = {a[r].tolist()} is NaN or not a (lat, lon) in [-90, 90] x [-180, 180]")
+    return a
+
+
+def path_lengths_km(seqs: Sequence) -> np.ndarray:
+    """Length in km of each sequence's path, the sum of great-circle steps between consecutive points -> (S,).
+
+    Sequences are (n, 2) (lat, lon) arrays in frame order; a single point has length 0.
+    """
+    if isinstance(seqs, np.ndarray) or len(seqs) == 0:
+        raise ValueError("seqs must be a non-empty list of (n, 2) arrays, one per sequence; wrap a single sequence in [ ]")
+    lat, lon, _, starts, _ = _concat([_as_latlon(x, f"seqs[{s}]") for s, x in enumerate(seqs)])
+    return _segment_path_km(lat, lon, starts)
+
+
+def path_length_ratios(pred_seqs: Sequence, true_seqs: Sequence) -> np.ndarray:
+    """Predicted path length / true path length of each sequence pair -> (S,).
+
+    1 is the true amount of movement, 0 a single predicted point, > 1 jitter between distant points.
+    NaN where the true path is shorter than ``MIN_TRUE_PATH_KM`` (a camera that did not move, one frame):
+    the ratio is undefined there, and aggregates leave such sequences out.
+    """
+    if len(pred_seqs) != len(true_seqs):
+        raise ValueError(f"need as many predicted as true sequences, got {len(pred_seqs)} and {len(true_seqs)}")
+    return _path_ratio(path_lengths_km(pred_seqs), path_lengths_km(true_seqs))
+
+
+def distinct_points(seqs: Sequence) -> np.ndarray:
+    """Number of distinct (lat, lon) points of each sequence -> (S,) int64 (exact equality)."""
+    if isinstance(seqs, np.ndarray) or len(seqs) == 0:
+        raise ValueError("seqs must be a non-empty list of (n, 2) arrays, one per sequence; wrap a single sequence in [ ]")
+    lat, lon, seg, starts, _ = _concat([_as_latlon(x, f"seqs[{s}]") for s, x in enumerate(seqs)])
+    return _segment_n_unique((lat, lon), seg, starts)
+
+
+def nearest_gallery_index(latlon, gallery_latlon, block: int = NN_BLOCK) -> np.ndarray:
+    """Index of the great-circle nearest gallery point of each (lat, lon) -> (N,) int64; exact.
+
+    Nearest on the sphere is the largest dot product of unit vectors (the chord is monotone in the
+    great-circle distance). Work is O(N x G); memory is bounded by ``block`` dot products at a time
+    (32 MiB by default) plus the gallery's unit vectors, so a 1M-point gallery stays small. Repeated
+    query points are looked up once. Ties go to the lowest gallery index.
+    """
+    q = _as_latlon(latlon, "latlon", allow_empty=True)
+    g = _as_latlon(gallery_latlon, "gallery_latlon")
+    if q.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    uq, inv = np.unique(q, axis=0, return_inverse=True)
+    qv = unit_vectors(uq[:, 0], uq[:, 1])  # (U, 3)
+    gv = unit_vectors(g[:, 0], g[:, 1])  # (G, 3)
+    q_chunk = max(1, min(len(qv), int(np.sqrt(block))))
+    g_chunk = max(1, min(len(gv), block // q_chunk))
+    best = np.empty(len(qv), dtype=np.int64)
+    for qs in range(0, len(qv), q_chunk):
+        qb = qv[qs : qs + q_chunk]
+        best_dot = np.full(len(qb), -np.inf)
+        best_idx = np.zeros(len(qb), dtype=np.int64)
+        for gs in range(0, len(gv), g_chunk):
+            dots = qb @ gv[gs : gs + g_chunk].T  # (q_chunk, g_chunk)
+            j = np.argmax(dots, axis=1)
+            d = dots[np.arange(len(qb)), j]
+            better = d > best_dot  # strict: an equal dot in a later chunk keeps the lower index
+            best_dot[better] = d[better]
+            best_idx[better] = gs + j[better]
+        best[qs : qs + q_chunk] = best_idx
+    return best[inv.reshape(-1)]
+
+
+def distinct_cells(seqs: Sequence, gallery_latlon, block: int = NN_BLOCK) -> np.ndarray:
+    """Number of distinct nearest gallery points over each sequence's points -> (S,) int64.
+
+    For the ground truth this is how many distinct gallery points a perfect retrieval would predict
+    along the drive, the yardstick for :func:`distinct_points` of the prediction.
+    """
+    if isinstance(seqs, np.ndarray) or len(seqs) == 0:
+        raise ValueError("seqs must be a non-empty list of (n, 2) arrays, one per sequence; wrap a single sequence in [ ]")
+    lat, lon, seg, starts, _ = _concat([_as_latlon(x, f"seqs[{s}]") for s, x in enumerate(seqs)])
+    cell = nearest_gallery_index(np.stack([lat, lon], axis=1), gallery_latlon, block)
+    return _segment_n_unique((cell,), seg, starts)
+
+
+def _mean_or_none(x: np.ndarray) -> float | None:
+    return float(np.mean(x)) if x.size else None
+
+
+def shape_summary(table: pl.DataFrame) -> dict:
+    """The ``shape`` group of :func:`evaluate` from a :func:`per_sequence` table.
+
+    - ``path_length_ratio``: median over sequences of predicted / true path length; sequences whose
+      true path is shorter than ``MIN_TRUE_PATH_KM`` are left out, ``n_path_length_ratio`` counts the
+      rest (None when there are none).
+    - ``distinct_points``: mean number of distinct predicted points per sequence.
+    - ``distinct_true_cells``: mean number of distinct nearest gallery points under the true drive, and
+      ``distinct_ratio`` = mean distinct_points / mean distinct_true_cells (only when the table has
+      the ``distinct_true_cells`` column, i.e. a gallery was given).
+    - ``dfd_km_right_city``, ``mrd_km_right_city``: mean DFD / MRD in km (Appendix E.2-E.3) over the
+      ``n_right_city`` sequences whose video-level error is ``<= RIGHT_CITY_KM`` (None when there are
+      none), to read beside the all-sequence ``trajectory`` figures.
+    """
+    ratio = table["path_length_ratio"].drop_nulls().drop_nans().to_numpy()
+    out: dict = {
+        "path_length_ratio": float(np.median(ratio)) if ratio.size else None,
+        "n_path_length_ratio": int(ratio.size),
+        "distinct_points": float(table["distinct_points"].mean()),
+    }
+    if "distinct_true_cells" in table.columns:
+        true_cells = float(table["distinct_true_cells"].mean())
+        out["distinct_true_cells"] = true_cells
+        out["distinct_ratio"] = out["distinct_points"] / true_cells  # >= 1 cell per sequence: never 0
+    right = table.filter(pl.col("video_error_km") <= RIGHT_CITY_KM)
+    out["dfd_km_right_city"] = _mean_or_none(right["dfd_km"].to_numpy())
+    out["mrd_km_right_city"] = _mean_or_none(right["mrd_km"].to_numpy())
+    out["n_right_city"] = right.height
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Predictions table -> per-sequence and aggregate metrics
 
 
@@ -373,7 +544,7 @@ def _segments(ids: pl.Series):
     return seg, starts, lengths
 
 
-def _sequence_table(df: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
+def _sequence_table(df: pl.DataFrame, gallery: np.ndarray | None = None) -> tuple[pl.DataFrame, np.ndarray]:
     """Per-sequence metrics over the rows with ground truth, and every such row's error in km."""
     g = df.filter(pl.col("_has_gt"))
     lat, lon = g["lat"].cast(pl.Float64).to_numpy(), g["lon"].cast(pl.Float64).to_numpy()
@@ -390,30 +561,51 @@ def _sequence_table(df: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
     gt = np.stack([gt_lat, gt_lon], axis=1)
     pred_seqs = np.split(pred, starts[1:])
     gt_seqs = np.split(gt, starts[1:])
-    table = pl.DataFrame(
-        {
-            "sequence_id": g["sequence_id"].gather(starts),
-            "n_frames": lengths,
-            "median_km": _segment_median(dist_km, seg, starts, lengths),
-            "video_error_km": video_km,
-            "dfd_deg": discrete_frechet_many(pred_seqs, gt_seqs, "deg"),
-            "dfd_km": discrete_frechet_many(pred_seqs, gt_seqs, "km"),
-            "mrd_deg": range_differences(pred_seqs, gt_seqs, "deg"),
-            "mrd_km": range_differences(pred_seqs, gt_seqs, "km"),
-        }
-    )
-    return table, dist_km
+    path_km = _segment_path_km(lat, lon, starts)
+    true_path_km = _segment_path_km(gt_lat, gt_lon, starts)
+    cols = {
+        "sequence_id": g["sequence_id"].gather(starts),
+        "n_frames": lengths,
+        "median_km": _segment_median(dist_km, seg, starts, lengths),
+        "video_error_km": video_km,
+        "dfd_deg": discrete_frechet_many(pred_seqs, gt_seqs, "deg"),
+        "dfd_km": discrete_frechet_many(pred_seqs, gt_seqs, "km"),
+        "mrd_deg": range_differences(pred_seqs, gt_seqs, "deg"),
+        "mrd_km": range_differences(pred_seqs, gt_seqs, "km"),
+        "path_length_km": path_km,
+        "true_path_length_km": true_path_km,
+        # null (not NaN) where the true path is too short for a ratio: written as an empty CSV cell
+        "path_length_ratio": pl.Series(_path_ratio(path_km, true_path_km)).fill_nan(None),
+        "distinct_points": _segment_n_unique((lat, lon), seg, starts),
+    }
+    if gallery is not None:
+        cols["distinct_true_cells"] = _segment_n_unique((nearest_gallery_index(gt, gallery),), seg, starts)
+    return pl.DataFrame(cols), dist_km
 
 
-def per_sequence(predictions: pl.DataFrame) -> pl.DataFrame:
-    """One row per sequence with ground truth: n_frames, median_km, video_error_km, dfd_*, mrd_*.
+def _check_gallery(gallery_latlon) -> np.ndarray | None:
+    if gallery_latlon is None:
+        return None
+    if isinstance(gallery_latlon, str):
+        raise TypeError(f"gallery_latlon must be a (G, 2) array of (lat, lon), got the string {gallery_latlon!r} "
+                        "(label_level is a keyword argument)")
+    return _as_latlon(gallery_latlon, "gallery_latlon")
 
-    Only frames with ground truth count; a sequence without any is left out.
+
+def per_sequence(predictions: pl.DataFrame, gallery_latlon=None) -> pl.DataFrame:
+    """One row per sequence with ground truth.
+
+    Columns: ``sequence_id, n_frames, median_km, video_error_km, dfd_deg, dfd_km, mrd_deg, mrd_km,
+    path_length_km, true_path_length_km, path_length_ratio, distinct_points`` and, when the gallery
+    (G, 2) (lat, lon) is given, ``distinct_true_cells`` (see :func:`shape_summary`).
+    ``path_length_ratio`` is null where the true path is shorter than ``MIN_TRUE_PATH_KM``.
+    Only frames with ground truth count, in frame order; a sequence without any is left out.
     """
+    gallery = _check_gallery(gallery_latlon)
     df = _prepare(predictions)
     if not df["_has_gt"].any():
         raise ValueError("no row of predictions has gt_lat/gt_lon: there is no trajectory to compare with")
-    return _sequence_table(df)[0]
+    return _sequence_table(df, gallery)[0]
 
 
 def _labels_accuracy(df: pl.DataFrame, level: str, label_level: str) -> float | None:
@@ -443,14 +635,17 @@ def _labels_accuracy(df: pl.DataFrame, level: str, label_level: str) -> float | 
     return float(100.0 * hit.mean())
 
 
-def evaluate(predictions: pl.DataFrame, label_level: str = "video") -> dict:
+def evaluate(predictions: pl.DataFrame, gallery_latlon=None, label_level: str = "video") -> dict:
     """All metrics of the paper for a predictions table, in DESIGN.md's metrics format.
 
     Input columns: ``sequence_id, frame_index, lat, lon, gt_lat, gt_lon`` and optionally ground-truth
     ``city, state, country, continent`` with ``pred_city, ...``. Returns::
 
-        {"frame": {"acc_0.5km", "acc_1km", "acc_5km", "acc_25km", "median_km"},
+        {"frame": {"acc_0.1km", "acc_0.25km", "acc_0.5km", "acc_1km", "acc_5km", "acc_25km", "median_km"},
          "video": {same keys}, "trajectory": {"dfd_deg", "mrd_deg", "dfd_km", "mrd_km"},
+         "shape": {"path_length_ratio", "n_path_length_ratio", "distinct_points",
+                   "distinct_true_cells", "distinct_ratio",   # only with gallery_latlon
+                   "dfd_km_right_city", "mrd_km_right_city", "n_right_city"},
          "city": {"city", "state", ...},   # only the levels with both columns present
          "n_frames", "n_sequences", "n_frames_excluded"}
 
@@ -459,7 +654,11 @@ def evaluate(predictions: pl.DataFrame, label_level: str = "video") -> dict:
     was evaluated. ``trajectory`` values are means over sequences (the paper reports means); for a
     one-frame sequence DFD is the distance between the two points and MRD is 0. Label accuracy is
     per video by default (CityGuessr68k is scored per video), or per frame with ``label_level="frame"``.
+    ``shape`` is :func:`shape_summary` of the :func:`per_sequence` table; ``gallery_latlon`` (G, 2) is
+    the retrieval gallery, needed only for the true-cell counts. Values that have no sequence to be
+    computed over (no moving sequence, none in the right city) are None.
     """
+    gallery = _check_gallery(gallery_latlon)
     if label_level not in ("video", "frame"):
         raise ValueError(f"label_level must be 'video' or 'frame', got {label_level!r}")
     df = _prepare(predictions)
@@ -473,11 +672,12 @@ def evaluate(predictions: pl.DataFrame, label_level: str = "video") -> dict:
     out: dict = {}
     n_sequences = 0
     if n_gt:
-        table, dist_km = _sequence_table(df)
+        table, dist_km = _sequence_table(df, gallery)
         n_sequences = table.height
         out["frame"] = accuracy_at(dist_km)
         out["video"] = accuracy_at(table["video_error_km"].to_numpy())
         out["trajectory"] = {k: float(table[k].mean()) for k in ("dfd_deg", "mrd_deg", "dfd_km", "mrd_km")}
+        out["shape"] = shape_summary(table)
     accs = {lvl: _labels_accuracy(df, lvl, label_level) for lvl in levels}
     accs = {k: v for k, v in accs.items() if v is not None}
     if accs:

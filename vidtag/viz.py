@@ -17,9 +17,24 @@ import polars as pl
 
 from vidtag.geo import KM_PER_DEG_LAT, km_per_deg_lon
 from vidtag.io import atomic_path
+from vidtag.metrics import THRESHOLDS_KM, acc_key
 
 CDF_POINTS = 200  # rows in the error-CDF data file: enough for a smooth curve, small for DVC
-THRESHOLDS_KM = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 100.0, 750.0, 2500.0)  # includes Sec. 4.3's 0.5/1/5/25 km
+# The accuracy curve runs on a log-spaced grid from the smallest reported threshold up to 2500 km (the
+# continent scale of image geolocation), with every threshold of metrics.THRESHOLDS_KM on it exactly.
+CURVE_MAX_KM = 2500.0
+CURVE_POINTS_PER_DECADE = 8
+
+
+def threshold_grid_km(max_km: float = CURVE_MAX_KM, per_decade: int = CURVE_POINTS_PER_DECADE) -> np.ndarray:
+    """Sorted thresholds for the accuracy curve: log-spaced from min(THRESHOLDS_KM) to ``max_km``,
+    plus THRESHOLDS_KM exactly (a grid point within a third of a grid step of one gives way to it)."""
+    marks = np.asarray(THRESHOLDS_KM, dtype=np.float64)
+    lo = float(marks.min())
+    n = max(2, int(round(per_decade * math.log10(max_km / lo))) + 1)
+    grid = np.geomspace(lo, max_km, n)
+    near_mark = np.abs(np.log(grid[:, None] / marks[None, :])).min(axis=1) < math.log(10.0) / per_decade / 3
+    return np.unique(np.concatenate([grid[~near_mark], marks]))
 
 
 def error_cdf(errors_km: dict[str, np.ndarray], n_points: int = CDF_POINTS) -> pl.DataFrame:
@@ -32,13 +47,25 @@ def error_cdf(errors_km: dict[str, np.ndarray], n_points: int = CDF_POINTS) -> p
     return pl.DataFrame(cols)
 
 
-def accuracy_by_threshold(errors_km: dict[str, np.ndarray], thresholds_km: Sequence[float] = THRESHOLDS_KM) -> pl.DataFrame:
-    """Wide table ``threshold_km, <name>...``: percent of frames within each threshold."""
-    t = np.asarray(thresholds_km, dtype=np.float64)
+def accuracy_by_threshold(errors_km: dict[str, np.ndarray], thresholds_km: Sequence[float] | None = None) -> pl.DataFrame:
+    """Wide table ``threshold_km, <name>..., label``: percent of frames within each threshold (``<=``).
+
+    The default thresholds are :func:`threshold_grid_km`. ``label`` names the rows at a threshold of
+    metrics.THRESHOLDS_KM with its metrics key (``acc_1km``: the same number as in metrics/eval.json)
+    and is null on the other grid points, which are only there to draw the curve.
+    """
+    clash = {"threshold_km", "label"} & set(errors_km)
+    if clash:
+        raise ValueError(f"errors_km names {sorted(clash)} are reserved for the table's own columns")
+    t = threshold_grid_km() if thresholds_km is None else np.asarray(thresholds_km, dtype=np.float64)
     cols = {"threshold_km": t}
     for name, e in errors_km.items():
-        e = np.asarray(e, dtype=np.float64)
-        cols[name] = (e[None, :] <= t[:, None]).mean(axis=1) * 100.0 if e.size else np.full_like(t, np.nan)
+        e = np.sort(np.asarray(e, dtype=np.float64).ravel())
+        # count of errors <= t by binary search, no (T, E) matrix; the same float operations as
+        # metrics.accuracy_at, so a labelled row equals its metrics/eval.json value exactly
+        cols[name] = 100.0 * (np.searchsorted(e, t, side="right") / e.size) if e.size else np.full_like(t, np.nan)
+    marks = set(THRESHOLDS_KM)
+    cols["label"] = pl.Series([acc_key(x) if x in marks else None for x in t.tolist()], dtype=pl.String)
     return pl.DataFrame(cols)
 
 
