@@ -10,7 +10,7 @@ EXTRAS ?= cpu,dev
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -26,8 +26,13 @@ demo: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 	$(PY) -m pipeline.summary metrics/eval.json
 
+# What CI runs: every test, the end-to-end `dvc repro` and kill -9 resume tests included.
 test: install
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q -x --durations=15
+
+# The edit-test loop: everything but the tests marked `slow` (whole pipeline, subprocess kill/resume).
+test-fast: install
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q -x --durations=15 -m "not slow"
 
 bench: install
 	$(PY) benchmarks/frechet.py

@@ -167,6 +167,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_unit_then_rerun_is_byte_identical_to_a_clean_run(tmp_path):
     manifest = make_world(tmp_path / "data", n_seq=4, corrupt=[(2, 1)])
     script = tmp_path / "child.py"
