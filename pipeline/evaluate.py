@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.common import load_params, run_stage
+from pipeline.common import load_params, pick, run_stage
 from vidtag.data.manifest import manifest_fingerprint, read_manifest
-from vidtag.evaluation import EvalConfig, run_evaluation, summary, write_reports
-from vidtag.features.store import load_features
 from vidtag.device import resolve_device
+from vidtag.evaluation import EvalConfig, EvalRuntime, run_evaluation, summary, write_reports
+from vidtag.features.store import load_features
 from vidtag.models.bundle import load_bundle
 
 
@@ -24,11 +24,13 @@ def main() -> None:
     ap.add_argument("--cache-dir", default="cache/embeddings", help="gallery-embedding cache (keyed by model and gallery)")
     args = ap.parse_args()
 
-    cfg = EvalConfig(**load_params("eval")["eval"])
+    params = load_params("eval")
+    cfg = EvalConfig(**params["eval"])
+    runtime = EvalRuntime(**pick(params["runtime"], EvalRuntime))
     manifest = read_manifest(args.manifest).df
     features = load_features(args.features, expect_fingerprint=manifest_fingerprint(manifest))
-    bundle = load_bundle(args.model, resolve_device(cfg.device))
-    result = run_evaluation(bundle, features, manifest, cfg, cache_dir=args.cache_dir, progress=True)
+    bundle = load_bundle(args.model, resolve_device(runtime.device))
+    result = run_evaluation(bundle, features, manifest, cfg, runtime=runtime, cache_dir=args.cache_dir, progress=True)
     maps = write_reports(result, predictions=args.predictions, metrics=args.metrics, per_sequence_csv=args.per_sequence,
                          plots_dir=args.plots, n_maps=cfg.n_maps)
     print(summary(result.metrics))

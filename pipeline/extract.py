@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 
 from pipeline.common import load_params, run_stage
-from vidtag.data.manifest import ManifestError, read_manifest
-from vidtag.features.backbones import BackboneError
+from vidtag.data.manifest import read_manifest
 from vidtag.features.extract import configs_from_params, extract_features, parse_shard
-from vidtag.features.store import FeatureStoreError
+
+# runtime: keys that change how extraction runs, not the features (declared by no stage)
+RUNTIME_KEYS = {"device": "device", "extract_workers": "num_workers"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,12 +23,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--force", action="store_true", help="rebuild a store made with other settings")
     args = ap.parse_args(argv)
     params = load_params("backbone")
-    try:
-        bcfg, ecfg = configs_from_params(params["backbone"])
-        result = extract_features(read_manifest(args.manifest), args.out, bcfg, ecfg, shard=parse_shard(args.shard),
-                                  overwrite=args.force)
-    except (ManifestError, BackboneError, FeatureStoreError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    runtime = {ours: params["runtime"][key] for key, ours in RUNTIME_KEYS.items() if key in params["runtime"]}
+    bcfg, ecfg = configs_from_params({**params["backbone"], **runtime})
+    result = extract_features(read_manifest(args.manifest), args.out, bcfg, ecfg, shard=parse_shard(args.shard),
+                              overwrite=args.force)
     print(result.summary())
 
 

@@ -1,9 +1,11 @@
 """`train_phase1` stage: params ``phase1`` + feature store + manifest + gallery -> Phase I checkpoint directory.
 
-Params keys (``phase1:``): every field of vidtag.train.Phase1Config, plus ``model:`` with ``frame:`` /
-``location:`` sub-sections (vidtag.models.FrameEncoderConfig / LocationEncoderConfig fields) and
-``logit_scale_init``. Feature dims come from the store, never from params. Re-running with an existing
-``--out`` resumes from its checkpoint (same config and data), e.g. after an interruption.
+Params keys (``phase1:``): every field of vidtag.train.phase1.Phase1Config, plus ``model:`` with ``frame:`` /
+``location:`` sub-sections (vidtag.models.config.FrameEncoderConfig / LocationEncoderConfig fields) and
+``logit_scale_init``. ``runtime:`` (vidtag.train.loop.RuntimeConfig: device, memory mode, validation
+frequency) is read but not declared, so changing it re-runs nothing. Feature dims come from the store,
+never from params. Re-running with an existing ``--out`` resumes from its checkpoint (same config and
+data), e.g. after an interruption.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.common import load_params, run_resumable, run_stage
+from pipeline.common import load_params, pick, run_stage
+from pipeline.training import run_resumable
 from vidtag.data.manifest import manifest_fingerprint, read_manifest
 from vidtag.features.store import load_features
 from vidtag.gallery import read_gallery
-from vidtag.models import VidTAGConfig
-from vidtag.models.config import build_config
-from vidtag.train import Phase1Config, train_phase1
+from vidtag.models.config import VidTAGConfig, build_config
+from vidtag.train.loop import RuntimeConfig
+from vidtag.train.phase1 import Phase1Config, train_phase1
 
 
 def main() -> None:
@@ -34,12 +37,12 @@ def main() -> None:
     p = dict(params["phase1"])
     model_cfg = VidTAGConfig.from_dict(p.pop("model", {}) or {})
     cfg = build_config(Phase1Config, {**p, "seed": p.get("seed", params["seed"])})
+    runtime = build_config(RuntimeConfig, {**pick(params["runtime"], RuntimeConfig), "progress": not args.no_progress})
     m = read_manifest(args.manifest)
     features = load_features(args.features, expect_fingerprint=manifest_fingerprint(m.df), lazy=True)
     gallery, _ = read_gallery(args.gallery)
     metrics = run_resumable(
-        lambda live: train_phase1(features, m.df, gallery.select("lat", "lon").to_numpy(), args.out, cfg, model_cfg, live,
-                                  show_progress=not args.no_progress),
+        lambda live: train_phase1(features, m.df, gallery.select("lat", "lon").to_numpy(), args.out, cfg, model_cfg, live, runtime),
         Path(args.out) / "checkpoint", args.live)
     print("phase1 done: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 

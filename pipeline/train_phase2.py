@@ -1,7 +1,7 @@
 """`train_phase2` stage: params ``phase2`` + Phase I checkpoint + features -> the model bundle (cache/model/).
 
-Params keys (``phase2:``): every field of vidtag.train.Phase2Config, plus ``refiner:`` with
-vidtag.models.GeoRefinerConfig fields. Checkpoints go to ``--checkpoints`` (default: ``<out>.ckpt``
+Params keys (``phase2:``): every field of vidtag.train.phase2.Phase2Config, plus ``refiner:`` with
+vidtag.models.config.GeoRefinerConfig fields; ``runtime:`` as for `train_phase1` (read, not declared). Checkpoints go to ``--checkpoints`` (default: ``<out>.ckpt``
 beside the bundle) and a re-run resumes from them.
 """
 
@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.common import load_params, run_resumable, run_stage
+from pipeline.common import load_params, pick, run_stage
+from pipeline.training import run_resumable
 from vidtag.data.manifest import manifest_fingerprint, read_manifest
 from vidtag.features.store import load_features
 from vidtag.gallery import read_gallery
-from vidtag.models import GeoRefinerConfig
-from vidtag.models.config import build_config
-from vidtag.train import Phase2Config, train_phase2
+from vidtag.models.config import GeoRefinerConfig, build_config
+from vidtag.train.loop import RuntimeConfig
+from vidtag.train.phase2 import Phase2Config, train_phase2
 
 
 def main() -> None:
@@ -35,6 +36,7 @@ def main() -> None:
     p = dict(params["phase2"])
     refiner_cfg = build_config(GeoRefinerConfig, p.pop("refiner", {}) or {})
     cfg = build_config(Phase2Config, {**p, "seed": p.get("seed", params["seed"])})
+    runtime = build_config(RuntimeConfig, {**pick(params["runtime"], RuntimeConfig), "progress": not args.no_progress})
     out = Path(args.out)
     ckpt = Path(args.checkpoints) if args.checkpoints else out.with_name(out.name + ".ckpt")
     m = read_manifest(args.manifest)
@@ -42,7 +44,7 @@ def main() -> None:
     gallery, _ = read_gallery(args.gallery)
     metrics = run_resumable(
         lambda live: train_phase2(features, m.df, args.gallery, gallery.select("lat", "lon").to_numpy(), args.phase1, out,
-                                  ckpt, cfg, refiner_cfg, live, show_progress=not args.no_progress),
+                                  ckpt, cfg, refiner_cfg, live, runtime),
         ckpt, args.live)
     print("phase2 done: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 

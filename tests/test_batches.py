@@ -8,20 +8,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from test_train import P1, P2, TINY_MODEL, make_world
+from test_train import P1, P2, RT1, RT2, TINY_MODEL, make_world
 
 from vidtag.features.store import ChunkReader, FeatureStoreError, StoreLayout, load_features, open_store, store_key
-from vidtag.models import GeoRefinerConfig
-from vidtag.train import train_phase1, train_phase2
-from vidtag.train.batches import (
-    FeatureTensors,
-    StreamedFeatures,
-    build_sequences,
-    choose_resident,
-    feature_bytes,
-    feature_source,
-    padded_chunks,
-)
+from vidtag.features.sequences import build_sequences, padded_chunks
+from vidtag.features.source import FeatureTensors, StreamedFeatures, choose_resident, feature_bytes, feature_source
+from vidtag.models.config import GeoRefinerConfig
+from vidtag.train.phase1 import train_phase1
+from vidtag.train.phase2 import train_phase2
 from vidtag.train.checkpoint import load_checkpoint
 
 LAYOUT = StoreLayout(shard_rows=64, chunk_rows=8)
@@ -147,18 +141,22 @@ def test_memory_check_picks_resident_or_streamed(world, lazy):
             choose_resident(lazy, CPU, in_memory=bad)
 
 
+def _untimed(metrics):
+    return {k: v for k, v in metrics.items() if k not in ("epoch_s", "frames_per_s")}
+
+
 def _weights(directory):
     return load_checkpoint(directory).weights
 
 
 def test_training_is_identical_resident_and_streamed(world, lazy, tmp_path):
-    p1 = replace(P1, epochs=2, eval_every=1, eval_max_frames=64)
-    m_res = train_phase1(lazy, world.manifest, world.gallery, tmp_path / "res", replace(p1, features_in_memory=True),
-                         TINY_MODEL, show_progress=False)
-    m_str = train_phase1(lazy, world.manifest, world.gallery, tmp_path / "str", replace(p1, features_in_memory=False),
-                         TINY_MODEL, show_progress=False)
+    p1, rt = replace(P1, epochs=2), replace(RT1, eval_every=1, eval_max_frames=64)
+    m_res = train_phase1(lazy, world.manifest, world.gallery, tmp_path / "res", p1, TINY_MODEL,
+                         runtime=replace(rt, features_in_memory=True))
+    m_str = train_phase1(lazy, world.manifest, world.gallery, tmp_path / "str", p1, TINY_MODEL,
+                         runtime=replace(rt, features_in_memory=False))
     assert "val_acc_1km" in m_str
-    assert {k: v for k, v in m_res.items() if k != "epoch_s"} == {k: v for k, v in m_str.items() if k != "epoch_s"}
+    assert _untimed(m_res) == _untimed(m_str)
     a, b = _weights(tmp_path / "res" / "checkpoint"), _weights(tmp_path / "str" / "checkpoint")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -167,23 +165,23 @@ def test_training_is_identical_resident_and_streamed(world, lazy, tmp_path):
 
     gallery_path = tmp_path / "gallery.parquet"
     pl.DataFrame({"lat": world.gallery[:, 0], "lon": world.gallery[:, 1]}).write_parquet(gallery_path)
-    p2 = replace(P2, epochs=1, eval_max_frames=64)
+    p2, rt2 = replace(P2, epochs=1), replace(RT2, eval_max_frames=64)
     refiner = GeoRefinerConfig(**TINY_MODEL.refiner.__dict__)
     out = {}
     for name, mode in (("res", True), ("str", False)):
         out[name] = train_phase2(lazy, world.manifest, gallery_path, world.gallery, tmp_path / "res", tmp_path / f"model_{name}",
-                                 tmp_path / f"p2_{name}", replace(p2, features_in_memory=mode), refiner, show_progress=False)
-    assert {k: v for k, v in out["res"].items() if k != "epoch_s"} == {k: v for k, v in out["str"].items() if k != "epoch_s"}
+                                 tmp_path / f"p2_{name}", p2, refiner, runtime=replace(rt2, features_in_memory=mode))
+    assert _untimed(out["res"]) == _untimed(out["str"])
     a, b = _weights(tmp_path / "p2_res"), _weights(tmp_path / "p2_str")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_may_switch_feature_mode(world, lazy, tmp_path):
     # the mode changes how features are read, never the result, so a resume may change it
-    p1 = replace(P1, epochs=1, features_in_memory=True)
-    train_phase1(lazy, world.manifest, world.gallery, tmp_path, p1, TINY_MODEL, show_progress=False)
-    train_phase1(lazy, world.manifest, world.gallery, tmp_path, replace(p1, epochs=2, features_in_memory=False),
-                 TINY_MODEL, show_progress=False)
+    p1 = replace(P1, epochs=1)
+    train_phase1(lazy, world.manifest, world.gallery, tmp_path, p1, TINY_MODEL, runtime=replace(RT1, features_in_memory=True))
+    train_phase1(lazy, world.manifest, world.gallery, tmp_path, replace(p1, epochs=2), TINY_MODEL,
+                 runtime=replace(RT1, features_in_memory=False))
     assert load_checkpoint(tmp_path / "checkpoint").state["epoch"] == 2
 
 

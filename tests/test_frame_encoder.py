@@ -64,8 +64,27 @@ def test_sequences_longer_than_the_position_table_interpolate_it():
     assert torch.allclose(pos[4], table[1] * 2 / 3 + table[2] / 3, atol=1e-6)  # 4 * 3 / 9 = 1 + 1/3
     assert torch.equal(enc.tempgeo.positions(3)[0], table[:3])
     # a 10-frame sequence padded to 12 keeps its own interpolation
-    both = enc.tempgeo.positions(12, torch.tensor([10, 3]))
+    pad = torch.arange(12)[None, :] >= torch.tensor([[10], [3]])  # (2, 12)
+    both = enc.tempgeo.positions(12, pad)
     assert torch.allclose(both[0, :10], pos) and torch.equal(both[1, :3], table[:3])
+
+
+def test_a_masked_frame_anywhere_equals_dropping_it():
+    """Positions count unmasked frames only, so masking frame 2 in place gives the valid frames the same
+    embeddings as removing it: one rule for unreadable frames in training and inference."""
+    enc = FrameEncoder(TINY).eval()
+    clip, dino = _inputs(b=1, t=6)
+    pad = torch.zeros(1, 6, dtype=torch.bool)
+    pad[0, 2] = True
+    keep = torch.tensor([0, 1, 3, 4, 5])
+    in_place = enc(clip, dino, pad)[0, keep]
+    dropped = enc(clip[:, keep], dino[:, keep])[0]
+    torch.testing.assert_close(in_place, dropped, atol=1e-6, rtol=0)
+    long_clip, long_dino = _inputs(b=1, t=12)  # longer than the table: interpolation over the 11 kept frames
+    pad12 = torch.zeros(1, 12, dtype=torch.bool)
+    pad12[0, 5] = True
+    keep12 = torch.cat([torch.arange(5), torch.arange(6, 12)])
+    torch.testing.assert_close(enc(long_clip, long_dino, pad12)[0, keep12], enc(long_clip[:, keep12], long_dino[:, keep12])[0], atol=1e-6, rtol=0)
     clip, dino = _inputs(b=1, t=50)
     assert enc.eval()(clip, dino).shape == (1, 50, 16)
 

@@ -7,15 +7,18 @@ import torch
 import torch.nn.functional as F
 
 from vidtag.geo import haversine_km
+from vidtag.features.sequences import build_sequences
+from vidtag.features.source import FeatureTensors
 from vidtag.inference import InferenceConfig, InferenceError, offsets_from_sequence_ids, predict_sequences
-from vidtag.models import VidTAGConfig, build_models, load_bundle, save_bundle
-from vidtag.models.bundle import Bundle
+from vidtag.models.bundle import Bundle, build_models, load_bundle, save_bundle
+from vidtag.models.config import VidTAGConfig
+from vidtag.train.batches import sample_frames
 
 DC, DD = 8, 12
 
 TINY_MODEL = {
     "frame": {"clip_dim": DC, "dino_dim": DD, "tempgeo_heads": 2, "tempgeo_ff_dim": 32, "mlp_dims": [16], "out_dim": 16, "max_positions": 4},
-    "location": {"rff_dim": 8, "hidden_dim": 16, "n_hidden": 1, "out_dim": 16, "pretrained": False},
+    "location": {"rff_dim": 8, "hidden_dim": 16, "n_hidden": 1, "out_dim": 16},
     "refiner": {"width": 16, "heads": 2, "ff_dim": 32},
 }
 
@@ -122,6 +125,36 @@ def test_invalid_frames_are_ignored_and_filled_from_the_nearest_valid_frame(bund
     assert out[9:]["lat"].is_null().all() and out[9:]["confidence"].to_list() == [0.0, 0.0]
 
 
+def test_an_unreadable_middle_frame_is_handled_alike_in_training_and_inference(bundle):
+    """One rule for unreadable frames: training drops frame 2 of a 6-frame sequence before sampling, inference
+    masks it where it stands; the valid frames get identical embeddings and identical predictions."""
+    clip, dino, offsets = features([6], seed=3)
+    valid = np.ones(6, bool)
+    valid[2] = False
+    keep = np.flatnonzero(valid)
+    # training path: the manifest's sequence, the unreadable frame dropped, all frames sampled in order
+    manifest = pl.DataFrame({"sequence_id": ["a"] * 6, "frame_index": pl.Series(range(6), dtype=pl.Int32),
+                             "lat": [0.0] * 6, "lon": [0.0] * 6, "split": ["val"] * 6})
+    table = build_sequences(manifest, valid, "val")
+    rows, pad = sample_frames(table, torch.tensor([0]), 16, torch.Generator().manual_seed(0))
+    data = FeatureTensors.from_arrays(clip, dino, manifest, torch.device("cpu"))
+    c, d, _ = data.gather(rows)
+    with torch.no_grad():
+        train_emb = bundle.frame_encoder(c, d, pad)[~pad]  # (5, E)
+        # inference path: the frame masked in place
+        c_all = torch.tensor(clip, dtype=torch.float32)[None]
+        d_all = torch.tensor(dino, dtype=torch.float32)[None]
+        infer_emb = bundle.frame_encoder(c_all, d_all, torch.tensor(~valid)[None])[0, keep]
+    torch.testing.assert_close(train_emb, infer_emb, atol=1e-6, rtol=0)
+    masked = predict_sequences(bundle, clip, dino, valid, offsets, device="cpu")
+    dropped = predict_sequences(bundle, clip[keep], dino[keep], None, np.array([0, 5]), device="cpu")
+    cols = ["lat", "lon", "phase1_lat", "phase1_lon", "confidence"]
+    assert masked[keep.tolist()].select(cols).equals(dropped.select(cols))
+    ref1, ref2 = reference_one_sequence(bundle, clip[keep], dino[keep], grid())
+    np.testing.assert_array_equal(dropped.select("phase1_lat", "phase1_lon").to_numpy(), ref1)
+    np.testing.assert_array_equal(dropped.select("lat", "lon").to_numpy(), ref2)
+
+
 def test_features_that_do_not_fit_the_model_are_refused(bundle):
     clip, dino, offsets = features([3])
     with pytest.raises(InferenceError, match="backbones named in the bundle"):
@@ -141,7 +174,7 @@ def test_offsets_from_sorted_sequence_ids():
 def test_evaluation_run_writes_metrics_table_and_plots(bundle, tmp_path):
     from types import SimpleNamespace
 
-    from vidtag.evaluation import EvalConfig, run_evaluation, summary, write_reports
+    from vidtag.evaluation import EvalConfig, EvalRuntime, run_evaluation, summary, write_reports
 
     lengths = [4, 3, 5, 2]
     clip, dino, _ = features(lengths, seed=5)
@@ -157,18 +190,18 @@ def test_evaluation_run_writes_metrics_table_and_plots(bundle, tmp_path):
         "split": ["train"] * 4 + ["val"] * 10,
     })
     feats = SimpleNamespace(clip=clip, dino=dino, valid=valid)
-    res = run_evaluation(bundle, feats, manifest, EvalConfig(device="cpu"), cache_dir=tmp_path / "emb")
+    res = run_evaluation(bundle, feats, manifest, EvalConfig(), runtime=EvalRuntime(device="cpu"), cache_dir=tmp_path / "emb")
     p = res.predictions
     assert p["sequence_id"].unique(maintain_order=True).to_list() == ["b", "c", "d"]  # only the val split
     assert p.columns[:10] == ["sequence_id", "frame_index", "lat", "lon", "gt_lat", "gt_lon", "phase1_lat", "phase1_lon", "confidence", "valid"]
     assert p["lat"].is_not_null().all()
     assert res.metrics["n_frames"] == 10 and res.metrics["n_frames_unpredicted"] == 2 == res.metrics["n_frames_invalid"]
-    assert set(res.metrics["phase1"]) == {"frame", "video", "trajectory"}
+    assert set(res.metrics["phase1"]) == {"frame", "video", "trajectory", "shape"}
     assert res.sequences["sequence_id"].to_list() == ["b", "c", "d"]
     written = write_reports(res, predictions=tmp_path / "pred.parquet", metrics=tmp_path / "m" / "eval.json",
                             per_sequence_csv=tmp_path / "m" / "seq.csv", plots_dir=tmp_path / "plots", n_maps=2)
     assert [w.name for w in written] == ["b.png", "d.png"]
-    assert pl.read_csv(tmp_path / "plots" / "accuracy.csv").columns == ["threshold_km", "final", "phase1"]
+    assert pl.read_csv(tmp_path / "plots" / "accuracy.csv").columns[:3] == ["threshold_km", "final", "phase1"]
     assert pl.read_parquet(tmp_path / "pred.parquet").equals(p)
     text = summary(res.metrics)
     assert "phase I" in text and "acc_1km" in text

@@ -49,7 +49,7 @@ def test_other_sigmas_rescale_the_pretrained_fourier_matrix(ours_geoclip_sigmas)
 
 
 def test_fourier_matrix_is_saved_but_not_trained():
-    enc = LocationEncoder(cfg=LocationEncoderConfig(sigmas=(1.0, 8.0), hidden_dim=16, out_dim=8, pretrained=False))
+    enc = LocationEncoder(cfg=LocationEncoderConfig(sigmas=(1.0, 8.0), hidden_dim=16, out_dim=8))
     assert "LocEnc0.capsule.0.b" in enc.state_dict()
     trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
     assert not any(n.endswith(".b") for n in trainable)
@@ -65,5 +65,5 @@ def test_from_geoclip_refuses_wrong_number_of_sigmas():
 
 
 def test_pretrained_config_with_non_geoclip_shape_is_refused():
-    with pytest.raises(ValueError, match="pretrained: false"):
-        LocationEncoder.from_config(LocationEncoderConfig(hidden_dim=64, pretrained=True))
+    with pytest.raises(ValueError, match="init to random"):
+        LocationEncoder.from_config(LocationEncoderConfig(hidden_dim=64), init="geoclip")

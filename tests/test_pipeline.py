@@ -39,15 +39,22 @@ def test_feature_store_is_not_copied_into_the_dvc_cache_and_survives_reruns():
 @pytest.mark.parametrize("path", PARAMS_FILES, ids=lambda p: p.name)
 def test_params_files_build_every_stage_config(path):
     """A typo in any shipped params file must fail here, not an hour into a GPU run."""
-    from vidtag.evaluation import EvalConfig
+    from pipeline.common import pick
+    from vidtag.evaluation import EvalConfig, EvalRuntime
     from vidtag.features.extract import configs_from_params
-    from vidtag.models import VidTAGConfig
-    from vidtag.models.config import GeoRefinerConfig, build_config
-    from vidtag.train import Phase1Config, Phase2Config
+    from vidtag.models.config import GeoRefinerConfig, VidTAGConfig, build_config
+    from vidtag.train.loop import RuntimeConfig
+    from vidtag.train.phase1 import Phase1Config
+    from vidtag.train.phase2 import Phase2Config
 
     params = yaml.safe_load(path.read_text())
-    assert set(params) >= {"seed", "data", "backbone", "gallery", "phase1", "phase2", "eval"}
+    assert set(params) >= {"seed", "data", "backbone", "gallery", "phase1", "phase2", "eval", "runtime"}
     configs_from_params(params["backbone"])
+    runtime = params["runtime"]
+    build_config(RuntimeConfig, pick(runtime, RuntimeConfig))
+    EvalRuntime(**pick(runtime, EvalRuntime))
+    known = set(RuntimeConfig.__dataclass_fields__) | set(EvalRuntime.__dataclass_fields__) | {"extract_workers"}
+    assert set(runtime) <= known, set(runtime) - known
     p1 = dict(params["phase1"])
     VidTAGConfig.from_dict(p1.pop("model", {}) or {})
     build_config(Phase1Config, p1)
@@ -78,7 +85,8 @@ def test_dvc_repro_on_a_small_toy_world(tmp_path):
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["data"]["toy"].update(sequences_per_city=5, cities=["Amsterdam", "Melbourne"], max_frames=30)
     for phase in ("phase1", "phase2"):
-        params[phase].update(epochs=3, eval_every=1, batch_size=4, warmup_steps=2)
+        params[phase].update(epochs=3, batch_size=4, warmup_steps=2)
+    params["runtime"]["eval_every"] = 1
     params["eval"]["n_maps"] = 2
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -92,11 +100,11 @@ def test_dvc_repro_on_a_small_toy_world(tmp_path):
 
     metrics = json.loads((work / "metrics" / "eval.json").read_text())
     for group in ("frame", "video"):
-        assert set(metrics[group]) == {"acc_0.5km", "acc_1km", "acc_5km", "acc_25km", "median_km"}
+        assert set(metrics[group]) == {"acc_0.1km", "acc_0.25km", "acc_0.5km", "acc_1km", "acc_5km", "acc_25km", "median_km"}
         assert all(0 <= metrics[group][k] <= 100 for k in metrics[group] if k.startswith("acc_"))
     assert set(metrics["trajectory"]) == {"dfd_deg", "mrd_deg", "dfd_km", "mrd_km"}
     assert metrics["n_sequences"] == 2  # 20 % of 5 drives per city go to val
-    assert "frame" in metrics["phase1"]
+    assert "frame" in metrics["phase1"] and "path_length_ratio" in metrics["shape"] and "shape" in metrics["phase1"]
 
     from vidtag.models.bundle import load_bundle
 
@@ -110,11 +118,15 @@ def test_dvc_repro_on_a_small_toy_world(tmp_path):
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = _run(["dvc", "repro"], work, env)
     assert set(re.findall(r"Running stage '(\w+)'", log)) == {"train_phase2", "evaluate"}, log
+    # runtime settings change how stages run, not what they compute: nothing re-runs
+    params["runtime"].update(eval_every=2, device="cpu", features_in_memory=False)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "Data and pipelines are up to date" in _run(["dvc", "repro"], work, env)
 
 
 def test_run_resumable_resumes_only_an_unfinished_checkpoint_of_the_same_params(tmp_path):
-    from pipeline.common import run_resumable
-    from vidtag.train import CheckpointMismatchError
+    from pipeline.training import run_resumable
+    from vidtag.errors import CheckpointMismatchError
 
     ckpt = tmp_path / "ckpt"
 

@@ -10,12 +10,16 @@ import polars as pl
 import pytest
 import torch
 
-from vidtag.models import BundleError, GeoRefinerConfig, VidTAGConfig, load_bundle
-from vidtag.train import Phase1Config, Phase2Config, TrainingError, load_phase1, train_phase1, train_phase2
-from vidtag.train.batches import build_sequences, epoch_order, sample_frames
+from vidtag.errors import BundleError, TrainingError
+from vidtag.features.sequences import build_sequences
+from vidtag.features.source import FeatureTensors
+from vidtag.models.bundle import load_bundle
+from vidtag.models.config import GeoRefinerConfig, VidTAGConfig
+from vidtag.train.batches import epoch_order, sample_frames
 from vidtag.train.checkpoint import load_checkpoint
-from vidtag.train.phase1 import evaluate_phase1
-from vidtag.train.batches import FeatureTensors
+from vidtag.train.loop import RuntimeConfig
+from vidtag.train.phase1 import Phase1Config, build_phase1_model, load_phase1, train_phase1, validate_phase1
+from vidtag.train.phase2 import Phase2Config, train_phase2
 
 CITIES = np.array([[40.71, -74.00], [48.85, 2.35], [35.68, 139.69]])
 
@@ -60,11 +64,13 @@ def make_world(n_seq: int = 36, seed: int = 0, clip_dim: int = 16, dino_dim: int
 
 TINY_MODEL = VidTAGConfig.from_dict({
     "frame": {"tempgeo_heads": 2, "tempgeo_ff_dim": 64, "mlp_dims": [64], "out_dim": 32, "max_positions": 8, "dropout": 0.0},
-    "location": {"hidden_dim": 64, "n_hidden": 2, "out_dim": 32, "pretrained": False, "rff_dim": 64},
+    "location": {"hidden_dim": 64, "n_hidden": 2, "out_dim": 32, "rff_dim": 64},
     "refiner": {"width": 32, "heads": 2, "ff_dim": 64, "dropout": 0.0},
 })
-P1 = Phase1Config(seq_len=8, batch_size=8, epochs=12, lr=3e-3, warmup_steps=5, lr_gamma=0.97, eval_every=0, device="cpu", positive_radius_km=0.05)
-P2 = Phase2Config(seq_len=8, batch_size=8, epochs=3, lr=1e-3, warmup_steps=5, device="cpu")
+P1 = Phase1Config(seq_len=8, batch_size=8, epochs=12, lr=3e-3, warmup_steps=5, lr_gamma=0.97, positive_radius_km=0.05, location_init="random")
+P2 = Phase2Config(seq_len=8, batch_size=8, epochs=3, lr=1e-3, warmup_steps=5)
+RT1 = RuntimeConfig(device="cpu", eval_every=0, progress=False)
+RT2 = RuntimeConfig(device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +81,7 @@ def world():
 @pytest.fixture(scope="module")
 def phase1_dir(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("phase1")
-    train_phase1(world, world.manifest, world.gallery, out, P1, TINY_MODEL, show_progress=False)
+    train_phase1(world, world.manifest, world.gallery, out, P1, TINY_MODEL, runtime=RT1)
     return out
 
 
@@ -109,24 +115,19 @@ def test_phase1_beats_its_untrained_self(world, phase1_dir):
     model, _ = load_phase1(phase1_dir)
     data = FeatureTensors.from_arrays(world.clip, world.dino, world.manifest, torch.device("cpu"))
     val = build_sequences(world.manifest, world.valid, "val")
-    gallery = torch.as_tensor(world.gallery)
-    trained = evaluate_phase1(model, data, val, gallery)
-    torch.manual_seed(0)
-    from vidtag.models import build_models
-    from vidtag.train.phase1 import Phase1Model
-
-    fe, loc, _ = build_models(VidTAGConfig.from_dict({**TINY_MODEL.to_dict(), "frame": {**TINY_MODEL.to_dict()["frame"], "clip_dim": 16, "dino_dim": 24}}))
-    untrained = evaluate_phase1(Phase1Model(fe, loc, 2.66).eval(), data, val, gallery)
+    trained = validate_phase1(model, data, val, world.gallery)
+    untrained_model = build_phase1_model(VidTAGConfig.from_dict({**TINY_MODEL.to_dict(), "frame": {**TINY_MODEL.to_dict()["frame"], "clip_dim": 16, "dino_dim": 24}}))
+    untrained = validate_phase1(untrained_model.eval(), data, val, world.gallery)
     assert trained["acc_5km"] >= untrained["acc_5km"] + 30, (trained, untrained)  # percent
     assert trained["median_km"] < 0.7 * untrained["median_km"], (trained, untrained)
 
 
 def test_resume_repeats_an_uninterrupted_run(world, tmp_path):
     cfg2 = Phase1Config(**{**P1.__dict__, "epochs": 2})
-    train_phase1(world, world.manifest, world.gallery, tmp_path / "a", cfg2, TINY_MODEL, show_progress=False)
-    train_phase1(world, world.manifest, world.gallery, tmp_path / "b", Phase1Config(**{**P1.__dict__, "epochs": 1}), TINY_MODEL, show_progress=False)
+    train_phase1(world, world.manifest, world.gallery, tmp_path / "a", cfg2, TINY_MODEL, runtime=RT1)
+    train_phase1(world, world.manifest, world.gallery, tmp_path / "b", Phase1Config(**{**P1.__dict__, "epochs": 1}), TINY_MODEL, runtime=RT1)
     assert load_checkpoint(tmp_path / "b" / "checkpoint").state["epoch"] == 1  # "interrupted" after epoch 1
-    train_phase1(world, world.manifest, world.gallery, tmp_path / "b", cfg2, TINY_MODEL, show_progress=False)
+    train_phase1(world, world.manifest, world.gallery, tmp_path / "b", cfg2, TINY_MODEL, runtime=RT1)
     a, b = load_checkpoint(tmp_path / "a" / "checkpoint"), load_checkpoint(tmp_path / "b" / "checkpoint")
     assert a.state["step"] == b.state["step"] and b.state["epoch"] == 2
     for k in a.weights:
@@ -136,19 +137,19 @@ def test_resume_repeats_an_uninterrupted_run(world, tmp_path):
 
 def test_resume_with_a_different_model_is_refused(world, tmp_path):
     cfg1 = Phase1Config(**{**P1.__dict__, "epochs": 1})
-    train_phase1(world, world.manifest, world.gallery, tmp_path, cfg1, TINY_MODEL, show_progress=False)
+    train_phase1(world, world.manifest, world.gallery, tmp_path, cfg1, TINY_MODEL, runtime=RT1)
     other = VidTAGConfig.from_dict({**TINY_MODEL.to_dict(), "logit_scale_init": 1.0})
     with pytest.raises(TrainingError, match="different model"):
-        train_phase1(world, world.manifest, world.gallery, tmp_path, cfg1, other, show_progress=False)
+        train_phase1(world, world.manifest, world.gallery, tmp_path, cfg1, other, runtime=RT1)
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(world, tmp_path):
-    train_phase1(world, world.manifest, world.gallery, tmp_path, Phase1Config(**{**P1.__dict__, "epochs": 1}), TINY_MODEL, show_progress=False)
+    train_phase1(world, world.manifest, world.gallery, tmp_path, Phase1Config(**{**P1.__dict__, "epochs": 1}), TINY_MODEL, runtime=RT1)
     before = (tmp_path / "checkpoint" / "weights.safetensors").read_bytes()
     broken = World(world.clip.copy(), world.dino, world.valid, world.manifest, world.gallery)
     broken.clip[:] = np.nan
     with pytest.raises(TrainingError, match="loss is nan.*last good checkpoint is kept"):
-        train_phase1(broken, world.manifest, world.gallery, tmp_path, Phase1Config(**{**P1.__dict__, "epochs": 2}), TINY_MODEL, show_progress=False)
+        train_phase1(broken, world.manifest, world.gallery, tmp_path, Phase1Config(**{**P1.__dict__, "epochs": 2}), TINY_MODEL, runtime=RT1)
     assert (tmp_path / "checkpoint" / "weights.safetensors").read_bytes() == before
 
 
@@ -156,7 +157,7 @@ def test_phase2_writes_a_bundle_that_reloads(world, phase1_dir, tmp_path):
     gallery_path = tmp_path / "gallery.parquet"
     pl.DataFrame({"lat": world.gallery[:, 0], "lon": world.gallery[:, 1]}).write_parquet(gallery_path)
     metrics = train_phase2(world, world.manifest, gallery_path, world.gallery, phase1_dir, tmp_path / "model", tmp_path / "p2ckpt",
-                           P2, GeoRefinerConfig(**TINY_MODEL.refiner.__dict__), show_progress=False)
+                           P2, GeoRefinerConfig(**TINY_MODEL.refiner.__dict__), runtime=RT2)
     assert {"val_p1_acc_1km", "val_p2_acc_1km", "val_p1_dfd_deg", "val_p2_dfd_deg"} <= set(metrics)
     assert np.isfinite(metrics["train_loss"])
     bundle = load_bundle(tmp_path / "model")
@@ -177,7 +178,7 @@ def test_phase2_writes_a_bundle_that_reloads(world, phase1_dir, tmp_path):
 
 
 def test_phase2_refuses_an_unfinished_phase1(world, tmp_path):
-    train_phase1(world, world.manifest, world.gallery, tmp_path / "p1", Phase1Config(**{**P1.__dict__, "epochs": 1, "checkpoint_every": 1}), TINY_MODEL, show_progress=False)
+    train_phase1(world, world.manifest, world.gallery, tmp_path / "p1", Phase1Config(**{**P1.__dict__, "epochs": 1}), TINY_MODEL, runtime=RT1)
     state = json.loads((tmp_path / "p1" / "checkpoint" / "state.json").read_text())
     state["complete"] = False
     (tmp_path / "p1" / "checkpoint" / "state.json").write_text(json.dumps(state))
@@ -189,13 +190,12 @@ def test_zero_epochs_saves_the_untrained_model_as_a_baseline(world, tmp_path, ph
     """epochs=0 writes the untrained (GeoCLIP-initialised) model, the baseline the pipeline can evaluate."""
     untrained_dir = tmp_path / "p1"
     train_phase1(world, world.manifest, world.gallery, untrained_dir, Phase1Config(**{**P1.__dict__, "epochs": 0}),
-                 TINY_MODEL, show_progress=False)
+                 TINY_MODEL, runtime=RT1)
     assert load_checkpoint(untrained_dir / "checkpoint", torch.device("cpu")).state["epoch"] == 0
     data = FeatureTensors.from_arrays(world.clip, world.dino, world.manifest, torch.device("cpu"))
     val = build_sequences(world.manifest, world.valid, "val")
-    gallery = torch.as_tensor(world.gallery)
-    untrained = evaluate_phase1(load_phase1(untrained_dir)[0], data, val, gallery)
-    trained = evaluate_phase1(load_phase1(phase1_dir)[0], data, val, gallery)
+    untrained = validate_phase1(load_phase1(untrained_dir)[0], data, val, world.gallery)
+    trained = validate_phase1(load_phase1(phase1_dir)[0], data, val, world.gallery)
     assert trained["median_km"] < untrained["median_km"], (trained, untrained)
 
 
@@ -206,10 +206,10 @@ def test_phase2_refuses_to_resume_on_top_of_another_phase1_run(world, phase1_dir
     refiner = GeoRefinerConfig(**TINY_MODEL.refiner.__dict__)
     one_epoch = Phase2Config(**{**P2.__dict__, "epochs": 1})
     train_phase2(world, world.manifest, gallery_path, world.gallery, phase1_dir, tmp_path / "m", tmp_path / "ck", one_epoch,
-                 refiner, show_progress=False)
+                 refiner, runtime=RT2)
     other_p1 = tmp_path / "other_p1"
     train_phase1(world, world.manifest, world.gallery, other_p1, Phase1Config(**{**P1.__dict__, "lr": P1.lr / 2}), TINY_MODEL,
-                 show_progress=False)
+                 runtime=RT1)
     with pytest.raises(TrainingError, match="different phase1"):
         train_phase2(world, world.manifest, gallery_path, world.gallery, other_p1, tmp_path / "m", tmp_path / "ck", one_epoch,
-                     refiner, show_progress=False)
+                     refiner, runtime=RT2)

@@ -63,3 +63,7 @@ class PredictError(VidtagError, RuntimeError):
 
 class EvaluationError(VidtagError, ValueError):
     """The inputs of an evaluation run do not fit together (split empty, rows misaligned)."""
+
+
+class ConfigError(VidtagError, ValueError):
+    """A params section or config with unknown keys or values outside what the method allows."""

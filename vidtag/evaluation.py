@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from vidtag.errors import EvaluationError
 from vidtag.gallery import read_gallery
 from vidtag.geo import haversine_km
 from vidtag.inference import InferenceConfig, gallery_latlon, offsets_from_sequence_ids, predict_sequences
@@ -25,17 +26,26 @@ from vidtag.viz import accuracy_by_threshold, error_cdf, trajectory_map_png
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """What an evaluation computes (params ``eval:``); how it runs is :class:`EvalRuntime`."""
+
     split: str = "val"  # manifest split to evaluate (Sec. 4.1 reports the validation sets)
     k: int = 256  # Phase I candidates for the confidence softmax (vidtag.inference)
     confidence_radius_km: float = 1.0  # see vidtag.inference
-    batch_frames: int = 8192  # padded frames per forward pass
-    backend: str = "auto"  # retrieval backend: auto | faiss | torch
-    device: str = "auto"  # auto | cpu | cuda[:i]
     n_maps: int = 6  # trajectory maps drawn, for sequences evenly spaced in sorted-id order (stable across runs)
 
-    def inference(self) -> InferenceConfig:
-        return InferenceConfig(k=self.k, confidence_radius_km=self.confidence_radius_km,
-                               batch_frames=self.batch_frames, backend=self.backend)
+
+@dataclass(frozen=True)
+class EvalRuntime:
+    """How an evaluation runs; the results do not depend on it (params ``runtime:``, declared by no stage)."""
+
+    device: str = "auto"  # auto | cpu | cuda[:i]
+    backend: str = "auto"  # retrieval backend: auto | faiss | torch (both exact, same ties)
+    batch_frames: int = 8192  # padded frames per forward pass
+
+
+def inference_config(cfg: EvalConfig, runtime: EvalRuntime) -> InferenceConfig:
+    return InferenceConfig(k=cfg.k, confidence_radius_km=cfg.confidence_radius_km, batch_frames=runtime.batch_frames,
+                           backend=runtime.backend)
 
 
 @dataclass
@@ -46,12 +56,8 @@ class EvalResult:
     plots: dict[str, pl.DataFrame] = field(default_factory=dict)  # name -> plot data
 
 
-class EvaluationError(ValueError):
-    """The inputs of an evaluation run do not fit together (split empty, rows misaligned)."""
-
-
 def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = EvalConfig(), *,
-                   cache_dir: str | Path | None = None, progress: bool = False) -> EvalResult:
+                   runtime: EvalRuntime = EvalRuntime(), cache_dir: str | Path | None = None, progress: bool = False) -> EvalResult:
     """Predict every frame of ``cfg.split`` and score it; ``features`` row i is manifest row i."""
     if features.clip.shape[0] != manifest.height:
         raise EvaluationError(f"feature store has {features.clip.shape[0]} rows but the manifest {manifest.height}; "
@@ -67,7 +73,8 @@ def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = E
     gal_df, _ = read_gallery(bundle.gallery_path)
     gallery = gallery_latlon(gal_df, bundle.gallery_path)
     pred = predict_sequences(bundle, features.clip[rows], features.dino[rows], features.valid[rows], offsets, gallery,
-                             sequence_ids=ids, cache_dir=cache_dir, cfg=cfg.inference(), device=cfg.device, progress=progress)
+                             sequence_ids=ids, cache_dir=cache_dir, cfg=inference_config(cfg, runtime), device=runtime.device,
+                             progress=progress)
     pred = pred.with_columns(pl.Series("frame_index", m["frame_index"].to_numpy(), dtype=pl.Int32))
 
     missing = pred["lat"].is_null()
@@ -90,16 +97,17 @@ def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = E
     cols = ["sequence_id", "frame_index", "lat", "lon", "gt_lat", "gt_lon", "phase1_lat", "phase1_lon", "confidence", "valid"]
     pred = pred.select(cols + [c for c in pred.columns if c not in cols])
 
-    metrics = evaluate(pred)
+    metrics = evaluate(pred, gallery)
     phase1_df = pred.select("sequence_id", "frame_index", "gt_lat", "gt_lon", lat="phase1_lat", lon="phase1_lon")
-    p1 = evaluate(phase1_df)
-    metrics["phase1"] = {k: p1[k] for k in ("frame", "video", "trajectory") if k in p1}
+    p1 = evaluate(phase1_df, gallery)
+    metrics["phase1"] = {k: p1[k] for k in ("frame", "video", "trajectory", "shape") if k in p1}
     metrics["n_frames_unpredicted"] = n_unpredicted
     metrics["n_frames_invalid"] = int((~pred["valid"]).sum())
     metrics["mean_confidence"] = float(pred["confidence"].mean())
 
-    seq = per_sequence(pred)
-    seq_p1 = per_sequence(phase1_df).select("sequence_id", phase1_median_km="median_km", phase1_dfd_km="dfd_km")
+    seq = per_sequence(pred, gallery)
+    seq_p1 = per_sequence(phase1_df).select("sequence_id", phase1_median_km="median_km", phase1_dfd_km="dfd_km",
+                                            phase1_path_length_ratio="path_length_ratio", phase1_distinct_points="distinct_points")
     conf = pred.group_by("sequence_id").agg(mean_confidence=pl.col("confidence").mean())
     seq = seq.join(seq_p1, on="sequence_id", how="left").join(conf, on="sequence_id", how="left").sort("sequence_id")
 

@@ -1,4 +1,5 @@
-"""Two-stage inference (paper Fig. 5) over many sequences at once, and ``predict`` on one video.
+"""Two-stage inference (paper Fig. 5), written once: evaluation, ``vidtag predict`` and both training phases'
+validation all call :class:`Locator`.
 
 Phase I: frame embeddings -> top-1 over the gallery's GPS embeddings. Phase II: those GPS points'
 embeddings -> GeoRefiner (with the frame embeddings as memory) -> refined embeddings -> GPS-to-GPS
@@ -7,25 +8,28 @@ retrieval against the same (unit-normalised) gallery embeddings -> final coordin
 Choices the paper leaves open (recorded here and in the README):
 
 * **Re-embedding the Phase I GPS.** The Phase I winners are gallery points, so their location-encoder
-  embeddings are rows of the cached gallery embeddings; they are gathered, not recomputed. The
-  GeoRefiner normalises its queries itself, so normalised rows are equivalent to raw ones.
+  embeddings are rows of the gallery embeddings; they are gathered, not recomputed. The GeoRefiner
+  normalises its queries itself, so normalised rows are equivalent to raw ones.
+* **One search index per (gallery, model)**, built on the device the work runs on, and reused for every
+  batch and for both retrievals of Fig. 5.
 * **Confidence** (per frame, in [0, 1]): the model's own probability that the truth lies within
   ``confidence_radius_km`` of the final prediction. The frame's Phase I (frame -> GPS) scores over its
   top-k gallery candidates become probabilities with the learned logit scale,
   ``p = softmax(exp(logit_scale) * cos)``, and the confidence is the mass of those candidates that
   lie within the radius of the final prediction. This is the visual evidence, the distribution that
   Phase I was trained to calibrate. GPS -> GPS scores after the GeoRefiner are not used: neighbouring
-  grid points have near-identical embeddings there, so their mass is always ~1. A frame whose
-  evidence is spread over several places, or whose prediction the GeoRefiner moved away from it,
-  reads low.
-* **Invalid frames** (unreadable images, masked in the feature store): excluded from TempGeo and the
-  GeoRefiner through the padding mask, so they do not pollute their neighbours; they then take the
-  prediction of the nearest valid frame in time (the earlier one on a tie), with confidence 0 and
-  ``valid = False``. A sequence with no valid frame gets null coordinates.
+  grid points have near-identical embeddings there, so their mass is always ~1.
+* **Unreadable frames are dropped** from their sequence, in training and here alike
+  (vidtag.features.sequences): the model sees the readable frames in order, and TempGeo numbers them
+  without gaps. A dropped frame then takes the prediction of the nearest readable frame in time (the
+  earlier one on a tie), with confidence 0 and ``valid = False``. A sequence with no readable frame gets
+  null coordinates.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,16 +37,17 @@ import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from vidtag.device import resolve_device
-from vidtag.geo import haversine_km
+from vidtag.errors import InferenceError
+from vidtag.features.sequences import SequenceTable, padded_chunks, sequences_from_offsets
+from vidtag.features.source import FeatureTensors
+from vidtag.geo import haversine_km_torch
+from vidtag.progress import progress as progress_bar
 from vidtag.retrieval import GalleryIndex, gallery_embeddings, latlon_fingerprint, module_fingerprint
 
 OUTPUT_COLUMNS = ("sequence_id", "frame_index", "lat", "lon", "phase1_lat", "phase1_lon", "confidence", "valid")
-
-
-class InferenceError(ValueError):
-    """Inputs that do not fit the model or each other (shapes, offsets, empty gallery)."""
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,126 @@ class InferenceConfig:
     gallery_batch: int = 8192  # gallery points per location-encoder forward when embedding the gallery
 
 
+@dataclass
+class Located:
+    """Fig. 5's answer for every frame of a :class:`SequenceTable`, in the table's frame order."""
+
+    rows: np.ndarray  # (M,) feature rows
+    phase1: np.ndarray  # (M,) gallery index of the Phase I top-1
+    final: np.ndarray | None  # (M,) gallery index after the GeoRefiner; None when not refined
+    confidence: np.ndarray | None  # (M,) see the module docstring; None when not asked for
+
+
+@contextmanager
+def _eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """Eval mode inside, each module's own mode restored after (validation runs in the middle of training)."""
+    live = [m for m in modules if m is not None]
+    was = [m.training for m in live]
+    for m in live:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(live, was):
+            m.train(mode)
+
+
+@torch.no_grad()
+def embed_gallery(location_encoder: nn.Module, latlon_deg: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+    """Unit-norm gallery embeddings (G, D) on the encoder's device, in eval mode, uncached: for a model that
+    is still training (validation), where a disk cache would never be hit twice."""
+    with _eval_mode(location_encoder):
+        return torch.cat([F.normalize(location_encoder(c).float(), dim=-1) for c in latlon_deg.split(batch)])
+
+
+class Locator:
+    """Fig. 5 against one gallery: the model's parts and a search index built once over the gallery.
+
+    ``refiner=None`` stops after Phase I (Phase I validation, and the Phase I columns of every output).
+    """
+
+    def __init__(self, frame_encoder: nn.Module, location_encoder: nn.Module, logit_scale: torch.Tensor, refiner: nn.Module | None,
+                 gallery_latlon: np.ndarray, gallery_emb: torch.Tensor | np.ndarray, *, backend: str = "auto",
+                 device: str | torch.device | None = "auto"):
+        self.device = resolve_device(device)
+        self.frame_encoder = frame_encoder.to(self.device)
+        self.location_encoder = location_encoder
+        self.refiner = None if refiner is None else refiner.to(self.device)
+        self.scale = logit_scale.detach().float().exp().to(self.device)  # the learned temperature, a device scalar
+        self.gallery_latlon = np.asarray(gallery_latlon, dtype=np.float64)  # (G, 2)
+        if len(self.gallery_latlon) == 0:
+            raise InferenceError("the gallery is empty; rebuild it (stage `gallery`)")
+        gal = torch.as_tensor(gallery_emb).to(self.device, torch.float32)  # (G, D) unit
+        if gal.shape[0] != len(self.gallery_latlon):
+            raise InferenceError(f"gallery has {len(self.gallery_latlon)} points but {gal.shape[0]} embeddings")
+        self.gallery_emb = gal
+        self.gallery_latlon_t = torch.from_numpy(self.gallery_latlon).to(self.device)
+        self.index = GalleryIndex.build(gal, backend, self.device)
+
+    @classmethod
+    def for_model(cls, frame_encoder, location_encoder, logit_scale, refiner, gallery_latlon, *, backend="auto", device="auto",
+                  gallery_batch: int = 8192) -> Locator:
+        """A locator for a model in training: the gallery embedded now, on the device, with the current weights."""
+        dev = resolve_device(device)
+        latlon = torch.as_tensor(np.asarray(gallery_latlon, dtype=np.float64), device=dev)
+        emb = embed_gallery(location_encoder.to(dev), latlon, gallery_batch)
+        return cls(frame_encoder, location_encoder, logit_scale, refiner, gallery_latlon, emb, backend=backend, device=dev)
+
+    @classmethod
+    def for_bundle(cls, bundle, gallery: np.ndarray | None = None, *, gallery_emb: np.ndarray | None = None,
+                   cache_dir: str | Path | None = None, cfg: InferenceConfig = InferenceConfig(), device="auto") -> Locator:
+        """A locator for a trained bundle; gallery embeddings cached under ``cache_dir`` per (model, gallery)."""
+        if gallery is None:
+            gallery = read_gallery_latlon(bundle.gallery_path)
+        gallery = np.asarray(gallery, dtype=np.float64)
+        if gallery_emb is None:
+            gallery_emb = bundle_gallery_embeddings(bundle, gallery, cache_dir, cfg.gallery_batch)
+        return cls(bundle.frame_encoder, bundle.location_encoder, bundle.logit_scale, bundle.refiner, gallery, gallery_emb,
+                   backend=cfg.backend, device=device)
+
+    @torch.no_grad()
+    def locate(self, source, table: SequenceTable, *, k: int = 1, batch_frames: int = 8192,
+               confidence_radius_km: float | None = None, progress: bool = False) -> Located:
+        """Fig. 5 for every frame of ``table``, whole sequences at a time, features gathered from ``source``
+        (vidtag.features.source). ``k`` Phase I candidates feed the confidence (needs ``confidence_radius_km``)."""
+        k = max(1, min(int(k), len(self.gallery_latlon)))
+        rows_out, p1_out, p2_out, conf_out = [], [], [], []
+        chunks = padded_chunks(table, batch_frames) if len(table) else []
+        with _eval_mode(self.frame_encoder, self.refiner):
+            for _, rows, pad in progress_bar(chunks, total=len(chunks), desc="inference", unit="batch", enabled=progress):
+                rows, pad = rows.to(self.device), pad.to(self.device)
+                clip, dino, _ = source.gather(rows)  # (B, T, Dc), (B, T, Dd)
+                frame_emb = self.frame_encoder(clip, dino, pad)  # (B, T, D) unit
+                keep = ~pad
+                s1, i1 = self.index.search(frame_emb[keep].float(), k=k)  # (M, k) Phase I candidates, best first
+                rows_out.append(rows[keep])
+                p1_out.append(i1[:, 0])
+                if self.refiner is None:
+                    continue
+                gps_emb = torch.zeros_like(frame_emb)
+                gps_emb[keep] = self.gallery_emb[i1[:, 0]].to(gps_emb.dtype)  # (M, D) -> (B, T, D)
+                refined = self.refiner(frame_emb, gps_emb, pad)  # (B, T, D) unit
+                _, i2 = self.index.search(F.normalize(refined[keep].float(), dim=-1), k=1)  # (M, 1)
+                p2_out.append(i2[:, 0])
+                if confidence_radius_km is not None:
+                    conf_out.append(self._confidence(s1, i1, i2[:, 0], confidence_radius_km))
+
+        def cat(parts):
+            return torch.cat(parts).cpu().numpy() if parts else np.zeros(0, np.int64)
+        return Located(cat(rows_out), cat(p1_out), cat(p2_out) if self.refiner is not None else None,
+                       cat(conf_out).astype(np.float64) if conf_out else None)
+
+    def _confidence(self, s1: torch.Tensor, i1: torch.Tensor, final: torch.Tensor, radius_km: float) -> torch.Tensor:
+        """Phase I softmax mass (M,) of the candidates within ``radius_km`` of each final prediction."""
+        prob = torch.softmax(s1.float() * self.scale, dim=1)  # (M, k)
+        cand = self.gallery_latlon_t[i1]  # (M, k, 2)
+        at = self.gallery_latlon_t[final][:, None, :]  # (M, 1, 2)
+        near = haversine_km_torch(at[..., 0], at[..., 1], cand[..., 0], cand[..., 1]) <= radius_km  # (M, k)
+        return (prob * near).sum(dim=1).clamp(0.0, 1.0)
+
+
 def gallery_latlon(df: pl.DataFrame, path: str | Path = "gallery") -> np.ndarray:
-    """(G, 2) float64 lat, lon of a gallery table (DESIGN.md: columns lat, lon)."""
+    """(G, 2) float64 lat, lon of a gallery table (columns lat, lon)."""
     if df.height == 0:
         raise InferenceError(f"gallery {path} is empty; rebuild it (stage `gallery`)")
     return df.select(pl.col("lat").cast(pl.Float64), pl.col("lon").cast(pl.Float64)).to_numpy()
@@ -74,20 +197,7 @@ def bundle_gallery_embeddings(bundle, latlon: np.ndarray, cache_dir: str | Path 
     return gallery_embeddings(bundle.location_encoder, latlon, cache_dir, key=key, batch_size=batch)
 
 
-def _length_groups(lengths: np.ndarray, batch_frames: int) -> list[np.ndarray]:
-    """Sequence indices grouped by similar length so each group's B * T_max stays near ``batch_frames``."""
-    order = np.argsort(lengths, kind="stable")
-    groups, start = [], 0
-    while start < len(order):
-        stop = start + 1
-        while stop < len(order) and (stop - start + 1) * lengths[order[stop]] <= batch_frames:
-            stop += 1
-        groups.append(order[start:stop])
-        start = stop
-    return groups
-
-
-def _fill_from_nearest_valid(valid: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def fill_from_nearest_valid(valid: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """For each row, the row (same sequence) of the nearest valid frame in time; -1 where none."""
     n = len(valid)
     src = np.full(n, -1, dtype=np.int64)
@@ -109,7 +219,30 @@ def _fill_from_nearest_valid(valid: np.ndarray, offsets: np.ndarray) -> np.ndarr
     return src
 
 
-@torch.no_grad()
+def check_features(bundle, clip, dino, valid, offsets: np.ndarray, sequence_ids) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Validated (valid (N,), offsets (S + 1,), sequence ids) for features of N frames in S sequences."""
+    n = int(clip.shape[0])
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if dino.shape[0] != n:
+        raise InferenceError(f"clip has {n} rows but dino has {dino.shape[0]}; they must describe the same frames")
+    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 0).any():
+        raise InferenceError(f"sequence_offsets must rise from 0 to the number of frames ({n}); found {offsets[:5]}...{offsets[-2:]}")
+    valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+    if valid.shape != (n,):
+        raise InferenceError(f"valid must have one flag per frame ({n}); found shape {valid.shape}")
+    dims = (bundle.frame_encoder.cfg.clip_dim, bundle.frame_encoder.cfg.dino_dim)
+    if (clip.shape[1], dino.shape[1]) != dims:
+        raise InferenceError(
+            f"features are ({clip.shape[1]}, {dino.shape[1]})-d but the model expects {dims} (clip, dino); "
+            "extract features with the backbones named in the bundle's config.json"
+        )
+    n_seq = len(offsets) - 1
+    ids = [str(i) for i in range(n_seq)] if sequence_ids is None else [str(s) for s in sequence_ids]
+    if len(ids) != n_seq:
+        raise InferenceError(f"{len(ids)} sequence_ids for {n_seq} sequences")
+    return valid, offsets, ids
+
+
 def predict_sequences(
     bundle,
     clip: np.ndarray,
@@ -127,101 +260,40 @@ def predict_sequences(
 ) -> pl.DataFrame:
     """Two-stage predictions for every frame of many sequences.
 
-    clip (N, Dc), dino (N, Dd): features of N frames, sequences stored contiguously in time order;
+    clip (N, Dc), dino (N, Dd): features of N frames, sequences stored contiguously in time order; they are
+    held as float16 on the device, as in the feature store, so the model sees what training saw.
     ``sequence_offsets`` (S + 1,): sequence s is rows ``offsets[s]:offsets[s+1]``; ``valid`` (N,) bool
     (None = all valid). ``gallery`` (G, 2) degrees defaults to the bundle's; ``gallery_emb`` its
     unit-norm embeddings (else embedded and cached under ``cache_dir``). Returns one row per frame,
     in input order: sequence_id, frame_index, lat, lon, phase1_lat, phase1_lon, confidence, valid.
     """
     dev = resolve_device(device)
-    clip = np.asarray(clip)
-    dino = np.asarray(dino)
-    n = clip.shape[0]
-    offsets = np.asarray(sequence_offsets, dtype=np.int64)
-    if dino.shape[0] != n:
-        raise InferenceError(f"clip has {n} rows but dino has {dino.shape[0]}; they must describe the same frames")
-    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 0).any():
-        raise InferenceError(f"sequence_offsets must rise from 0 to the number of frames ({n}); found {offsets[:5]}...{offsets[-2:]}")
-    valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
-    if valid.shape != (n,):
-        raise InferenceError(f"valid must have one flag per frame ({n}); found shape {valid.shape}")
-    dims = (bundle.frame_encoder.cfg.clip_dim, bundle.frame_encoder.cfg.dino_dim)
-    if (clip.shape[1], dino.shape[1]) != dims:
-        raise InferenceError(
-            f"features are ({clip.shape[1]}, {dino.shape[1]})-d but the model expects {dims} (clip, dino); "
-            "extract features with the backbones named in the bundle's config.json"
-        )
-    n_seq = len(offsets) - 1
-    lengths = np.diff(offsets)
-    if sequence_ids is None:
-        sequence_ids = [str(i) for i in range(n_seq)]
-    if len(sequence_ids) != n_seq:
-        raise InferenceError(f"{len(sequence_ids)} sequence_ids for {n_seq} sequences")
-    if gallery is None:
-        gallery = read_gallery_latlon(bundle.gallery_path)
-    gallery = np.asarray(gallery, dtype=np.float64)
-    if gallery_emb is None:
-        gallery_emb = bundle_gallery_embeddings(bundle, gallery, cache_dir, cfg.gallery_batch)
-    if gallery_emb.shape[0] != gallery.shape[0]:
-        raise InferenceError(f"gallery has {gallery.shape[0]} points but {gallery_emb.shape[0]} embeddings")
-    k = max(1, min(cfg.k, gallery.shape[0]))
-    index = GalleryIndex.build(gallery_emb, cfg.backend, dev)
-    gal_t = torch.from_numpy(np.ascontiguousarray(gallery_emb, np.float32)).to(dev)  # (G, 512) unit
-    scale = float(bundle.logit_scale.detach().float().exp())
+    valid, offsets, ids = check_features(bundle, clip, dino, valid, sequence_offsets, sequence_ids)
+    locator = Locator.for_bundle(bundle, gallery, gallery_emb=gallery_emb, cache_dir=cache_dir, cfg=cfg, device=dev)
+    table = sequences_from_offsets(offsets, valid, ids)
+    source = FeatureTensors.from_frames(np.asarray(clip), np.asarray(dino), dev)
+    found = locator.locate(source, table, k=cfg.k, batch_frames=cfg.batch_frames,
+                           confidence_radius_km=cfg.confidence_radius_km, progress=progress)
+    return frame_table(found, locator.gallery_latlon, valid, offsets, ids)
 
-    for m in (bundle.frame_encoder, bundle.location_encoder, bundle.refiner):
-        m.to(dev).eval()
 
+def frame_table(found: Located, gallery: np.ndarray, valid: np.ndarray, offsets: np.ndarray, sequence_ids: list[str]) -> pl.DataFrame:
+    """One row per frame (``OUTPUT_COLUMNS``) from Fig. 5's answer; dropped frames take their nearest readable neighbour's."""
+    n = len(valid)
     p1_idx = np.full(n, -1, np.int64)
     p2_idx = np.full(n, -1, np.int64)
     conf = np.zeros(n, np.float64)
-    n_valid = np.concatenate([[0], np.cumsum(valid)])
-    has_valid = (n_valid[offsets[1:]] - n_valid[offsets[:-1]]) > 0  # (S,)
-    groups = _length_groups(lengths[has_valid], cfg.batch_frames)
-    seq_of_group = np.flatnonzero(has_valid)
-    iterator = groups
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(groups, desc="inference", unit="batch", leave=False, dynamic_ncols=True)
-    for group in iterator:
-        seqs = seq_of_group[group]
-        width = int(lengths[seqs].max())
-        pos = np.arange(width)
-        rows = offsets[seqs][:, None] + pos[None, :]  # (B, T) feature rows
-        inside = pos[None, :] < lengths[seqs][:, None]  # (B, T)
-        rows = np.where(inside, rows, 0)
-        use = inside & valid[rows]  # (B, T) frames the model sees
-        c = torch.from_numpy(np.where(use[..., None], clip[rows], 0).astype(np.float32)).to(dev)  # (B, T, Dc)
-        d = torch.from_numpy(np.where(use[..., None], dino[rows], 0).astype(np.float32)).to(dev)  # (B, T, Dd)
-        pad = torch.from_numpy(~use).to(dev)  # (B, T) True = ignore
-        frame_emb = bundle.frame_encoder(c, d, pad)  # (B, T, 512) unit
-        use_t = ~pad
-        q1 = frame_emb[use_t]  # (M, 512)
-        s1, i1 = index.search(q1, k=k)  # (M, k): Phase I candidates, top-1 first
-        gps_emb = torch.zeros_like(frame_emb)
-        gps_emb[use_t] = gal_t[i1[:, 0].to(dev)]  # (M, 512) -> scattered to (B, T, 512)
-        refined = bundle.refiner(frame_emb, gps_emb, pad)  # (B, T, 512) unit
-        _, i2 = index.search(F.normalize(refined[use_t].float(), dim=-1), k=1)  # (M, 1)
-        out_rows = rows[use]
-        i1_np = i1.cpu().numpy()
-        p1_idx[out_rows] = i1_np[:, 0]
-        final = i2.cpu().numpy()[:, 0]
-        p2_idx[out_rows] = final
-        prob = torch.softmax(s1.float() * scale, dim=1).cpu().numpy()  # (M, k) Phase I evidence
-        cand = gallery[i1_np]  # (M, k, 2)
-        near = haversine_km(gallery[final, None, 0], gallery[final, None, 1], cand[..., 0], cand[..., 1]) <= cfg.confidence_radius_km
-        conf[out_rows] = (prob * near).sum(axis=1)
-
-    src = _fill_from_nearest_valid(p2_idx >= 0, offsets)
+    p1_idx[found.rows] = found.phase1
+    p2_idx[found.rows] = found.final if found.final is not None else found.phase1
+    if found.confidence is not None:
+        conf[found.rows] = found.confidence
+    src = fill_from_nearest_valid(p2_idx >= 0, offsets)
     has = src >= 0
-    lat = np.full(n, np.nan)
-    lon = np.full(n, np.nan)
-    p1_lat = np.full(n, np.nan)
-    p1_lon = np.full(n, np.nan)
+    lat, lon, p1_lat, p1_lon = (np.full(n, np.nan) for _ in range(4))
     lat[has], lon[has] = gallery[p2_idx[src[has]]].T
     p1_lat[has], p1_lon[has] = gallery[p1_idx[src[has]]].T
     conf = np.where(valid & has, np.clip(conf, 0.0, 1.0), 0.0)
+    lengths = np.diff(offsets)
     seq_col = np.repeat(np.asarray(sequence_ids, dtype=object), lengths)
     frame_index = (np.arange(n) - np.repeat(offsets[:-1], lengths)).astype(np.int32)
 
@@ -251,145 +323,3 @@ def offsets_from_sequence_ids(sequence_ids) -> tuple[np.ndarray, list[str]]:
     change[1:] = ids[1:] != ids[:-1]
     starts = np.flatnonzero(change)
     return np.append(starts, len(ids)).astype(np.int64), [str(s) for s in ids[starts]]
-
-
-
-# --------------------------------------------------------------------------------------------
-# predict: one video file or one folder of frames -> per-frame coordinates
-
-
-class PredictError(RuntimeError):
-    """A video or folder that cannot be predicted, or a bundle whose backbones cannot be rebuilt."""
-
-
-def backbones_for_bundle(bundle, device: torch.device):
-    """Rebuild the frozen backbones named in the bundle and check they are the ones it was trained on."""
-    from vidtag.features.backbones import BackboneConfig, BackboneError, build_backbones
-
-    recorded = bundle.config.get("backbones")
-    if not recorded:
-        raise PredictError("the model bundle names no backbones (config.json 'backbones' is empty); re-export it from a pipeline run")
-    try:
-        cfg = BackboneConfig.from_dict(recorded.get("config", recorded))
-        bb = build_backbones(cfg, device)
-    except (BackboneError, ValueError, TypeError) as e:
-        raise PredictError(f"cannot build the backbones named in the bundle: {e}") from None
-    want = (bundle.frame_encoder.cfg.clip_dim, bundle.frame_encoder.cfg.dino_dim)
-    if tuple(bb.dims) != want:
-        raise PredictError(
-            f"the bundle's backbones give ({bb.dims[0]}, {bb.dims[1]})-d features but its model expects {want}; "
-            "the bundle does not match its backbones (re-export it, or fix config.json 'backbones')"
-        )
-    sha = bb.weights_sha256()
-    for name in ("clip", "dino"):
-        expect = (recorded.get(name) or {}).get("weights_sha256")
-        if expect and expect != sha[name]:
-            raise PredictError(
-                f"the {name} backbone built from the bundle's config has weights {sha[name][:12]}..., but the model was "
-                f"trained on features from {expect[:12]}...; the bundle does not match its backbones (provide the same weights)"
-            )
-    return bb
-
-
-def _frames_of(input_path: Path, fps: float):
-    """(timestamps_s or None, iterator of PIL | None, count) for a video file or a folder of frames."""
-    from PIL import Image
-
-    if input_path.is_dir():
-        from vidtag.data.frames import IMAGE_EXTENSIONS, list_frames
-
-        names = list_frames(input_path)
-        if not names:
-            raise PredictError(f"{input_path} holds no frames; expected image files ({', '.join(IMAGE_EXTENSIONS)})")
-
-        def images():
-            for name in names:
-                try:
-                    with Image.open(input_path / name) as im:
-                        yield im.convert("RGB")
-                except (OSError, ValueError):
-                    yield None
-
-        return None, images(), len(names), names
-    if not input_path.exists():
-        raise PredictError(f"{input_path} does not exist; expected a video file or a folder of frames")
-    from vidtag.data.manifest import ManifestError
-    from vidtag.data.video import frame_times, read_video_frames, sample_frame_times
-
-    try:
-        times, start = frame_times(input_path)
-    except ManifestError as e:
-        raise PredictError(str(e)) from None
-    targets = sample_frame_times(times, fps, start_s=float(times[0]))
-
-    def decoded():
-        import av
-
-        got = 0
-        try:
-            for _, img in read_video_frames(input_path, targets):
-                got += 1
-                yield img
-        except (av.error.FFmpegError, OSError, ValueError):
-            pass  # a truncated tail: the frames not decoded are marked invalid below
-        for _ in range(len(targets) - got):
-            yield None
-
-    return targets, decoded(), len(targets), None
-
-
-def predict_input(
-    input_path: str | Path,
-    bundle,
-    *,
-    fps: float = 1.0,
-    device: str | torch.device | None = "auto",
-    batch_size: int = 32,
-    cache_dir: str | Path | None = None,
-    cfg: InferenceConfig = InferenceConfig(),
-    progress: bool = False,
-) -> pl.DataFrame:
-    """Decode a video (sampled at ``fps``) or read a folder of frames, extract features with the
-    bundle's backbones, and run two-stage inference. One row per frame:
-    frame_index, timestamp_s (PTS; null for a folder), lat, lon, phase1_lat, phase1_lon, confidence, valid.
-    """
-    input_path = Path(input_path)
-    dev = resolve_device(device)
-    timestamps, images, n, _ = _frames_of(input_path, fps)
-    bb = backbones_for_bundle(bundle, dev)
-    clip_out = np.zeros((n, bb.dims[0]), np.float32)
-    dino_out = np.zeros((n, bb.dims[1]), np.float32)
-    valid = np.zeros(n, bool)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc="frames", unit="frame", leave=False, dynamic_ncols=True)
-    batch_rows, batch_c, batch_d = [], [], []
-
-    def flush():
-        if batch_rows:
-            c, d = bb.encode(torch.stack(batch_c), torch.stack(batch_d))  # (b, 3, S, S) -> (b, Dc), (b, Dd)
-            # Round through float16 as the feature store does, so predict sees exactly what training saw.
-            clip_out[batch_rows] = c.half().float().cpu().numpy()
-            dino_out[batch_rows] = d.half().float().cpu().numpy()
-            valid[batch_rows] = True
-            batch_rows.clear(), batch_c.clear(), batch_d.clear()
-
-    for i, img in enumerate(images):
-        if img is not None:
-            c, d = bb.preprocess(img)
-            batch_rows.append(i), batch_c.append(c), batch_d.append(d)
-            if len(batch_rows) == batch_size:
-                flush()
-        if bar is not None:
-            bar.update(1)
-    flush()
-    if bar is not None:
-        bar.close()
-    if not valid.any():
-        raise PredictError(f"{input_path}: none of its {n} frames could be decoded; is the file truncated or not a video/image?")
-    out = predict_sequences(bundle, clip_out, dino_out, valid, np.array([0, n]), sequence_ids=[input_path.stem],
-                            cache_dir=cache_dir, cfg=cfg, device=dev, progress=progress)
-    ts = pl.Series("timestamp_s", timestamps if timestamps is not None else [None] * n, dtype=pl.Float64)
-    return out.drop("sequence_id").insert_column(1, ts)

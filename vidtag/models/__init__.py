@@ -1,23 +1,25 @@
-"""VidTAG's trainable parts (Sec. 3.1-3.4): LocationEncoder, FrameEncoder (TempGeo + MLP), GeoRefiner, bundle I/O."""
+"""VidTAG's trainable parts (Sec. 3.1-3.4): LocationEncoder, FrameEncoder (TempGeo + MLP), GeoRefiner, bundle I/O.
 
-from vidtag.models.bundle import Bundle, BundleError, build_models, load_bundle, save_bundle
-from vidtag.models.config import FrameEncoderConfig, GeoRefinerConfig, LocationEncoderConfig, VidTAGConfig
-from vidtag.models.frame_encoder import FrameEncoder, TempGeo
-from vidtag.models.georefiner import GeoRefiner
-from vidtag.models.location_encoder import LocationEncoder
+Names load lazily (PEP 562), so importing one submodule never imports the others: a pipeline stage depends
+only on the files it really uses.
+"""
 
-__all__ = [
-    "Bundle",
-    "BundleError",
-    "FrameEncoder",
-    "FrameEncoderConfig",
-    "GeoRefiner",
-    "GeoRefinerConfig",
-    "LocationEncoder",
-    "LocationEncoderConfig",
-    "TempGeo",
-    "VidTAGConfig",
-    "build_models",
-    "load_bundle",
-    "save_bundle",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Bundle": "bundle", "BundleError": "bundle", "assemble_bundle": "bundle", "build_models": "bundle",
+    "load_bundle": "bundle", "save_bundle": "bundle",
+    "FrameEncoderConfig": "config", "GeoRefinerConfig": "config", "LocationEncoderConfig": "config", "VidTAGConfig": "config",
+    "FrameEncoder": "frame_encoder", "TempGeo": "frame_encoder",
+    "GeoRefiner": "georefiner",
+    "LocationEncoder": "location_encoder",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -1,4 +1,4 @@
-"""The model bundle: one directory with everything `vidtag predict` needs (DESIGN.md, Formats).
+"""The model bundle: one directory with everything `vidtag predict` needs, assembled after Phase II (Fig. 5).
 
 Files: ``model.safetensors`` (all weights, keys prefixed ``frame_encoder.``, ``location_encoder.``,
 ``refiner.``, plus ``logit_scale``), ``config.json`` (model config, backbone config from the feature
@@ -17,20 +17,18 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from vidtag.errors import BundleError
 from vidtag.io import atomic_path
 from vidtag.models.config import VidTAGConfig
 from vidtag.models.frame_encoder import FrameEncoder
 from vidtag.models.georefiner import GeoRefiner
 from vidtag.models.location_encoder import LocationEncoder
+from vidtag.seeding import seeded
 
 BUNDLE_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 GALLERY_FILE = "gallery.parquet"
-
-
-class BundleError(ValueError):
-    """A model bundle directory is incomplete, corrupted, or does not match its config."""
 
 
 @dataclass
@@ -41,10 +39,6 @@ class Bundle:
     logit_scale: torch.Tensor  # scalar, log of the Phase I temperature
     config: dict[str, Any]  # config.json: "model" (VidTAGConfig dict), "backbones", "feature_dims", ...
     gallery_path: Path
-
-    @property
-    def model_config(self) -> VidTAGConfig:
-        return VidTAGConfig.from_dict(self.config["model"])
 
     def eval(self) -> Bundle:
         for m in (self.frame_encoder, self.location_encoder, self.refiner):
@@ -60,10 +54,30 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def build_models(cfg: VidTAGConfig, seed: int = 0) -> tuple[FrameEncoder, LocationEncoder, GeoRefiner]:
-    """Fresh modules for ``cfg`` with seeded init; the location encoder is GeoCLIP's when ``cfg.location.pretrained``."""
-    torch.manual_seed(seed)
-    return FrameEncoder(cfg.frame), LocationEncoder.from_config(cfg.location, seed=seed), GeoRefiner(cfg.refiner)
+def build_models(cfg: VidTAGConfig, seed: int = 0, location_init: str = "random") -> tuple[FrameEncoder, LocationEncoder, GeoRefiner]:
+    """Fresh modules for ``cfg``, initialised from ``seed`` without touching the caller's RNG; the location
+    encoder starts from ``location_init`` (see LocationEncoder.from_config)."""
+    with seeded(seed):
+        frame = FrameEncoder(cfg.frame)
+        location = LocationEncoder.fresh(cfg.location, location_init, seed)
+        refiner = GeoRefiner(cfg.refiner)
+    return frame, location, refiner
+
+
+def assemble_bundle(frame_encoder: FrameEncoder, location_encoder: LocationEncoder, refiner: GeoRefiner, logit_scale: torch.Tensor,
+                    model_cfg: VidTAGConfig, feature_attrs: dict[str, Any], training: dict[str, Any], gallery_path: str | Path) -> Bundle:
+    """The bundle of a finished Phase II: the trained modules (on the CPU, eval mode), the feature store's
+    backbone and preprocessing record (so `vidtag predict` extracts matching features) and the gallery."""
+    config = {
+        "model": model_cfg.to_dict(),
+        "backbones": feature_attrs.get("backbones"),
+        "preprocessing": feature_attrs.get("preprocessing"),
+        "feature_dims": {"clip": model_cfg.frame.clip_dim, "dino": model_cfg.frame.dino_dim},
+        "manifest_fingerprint": feature_attrs.get("manifest_fingerprint"),
+        "training": training,
+    }
+    modules = [m.cpu().eval() for m in (frame_encoder, location_encoder, refiner)]
+    return Bundle(*modules, logit_scale.detach().cpu(), config, Path(gallery_path))
 
 
 def bundle_state_dict(bundle: Bundle) -> dict[str, torch.Tensor]:
@@ -109,8 +123,7 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bu
         if found != key:
             raise BundleError(f"{directory / file}: sha256 {found[:12]}... does not match config.json ({str(key)[:12]}...); the {name} were changed after the bundle was written")
     cfg = VidTAGConfig.from_dict(config["model"])
-    cfg_no_pretrained = VidTAGConfig.from_dict({**cfg.to_dict(), "location": {**cfg.to_dict()["location"], "pretrained": False}})
-    frame, loc, refiner = build_models(cfg_no_pretrained)
+    frame, loc, refiner = build_models(cfg)  # random init, replaced by the saved weights below
     state = load_file(directory / WEIGHTS_FILE, device="cpu")
     for prefix, module in (("frame_encoder", frame), ("location_encoder", loc), ("refiner", refiner)):
         part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
@@ -120,6 +133,5 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bu
             raise BundleError(f"{directory / WEIGHTS_FILE}: {prefix} weights do not match config.json's architecture: {str(e).splitlines()[0]}") from None
     if "logit_scale" not in state:
         raise BundleError(f"{directory / WEIGHTS_FILE}: no logit_scale tensor")
-    loc.cfg = cfg.location  # keep the recorded config (pretrained flag) for downstream keys
     bundle = Bundle(frame.to(device), loc.to(device), refiner.to(device), state["logit_scale"].to(device), config, directory / GALLERY_FILE)
     return bundle.eval()

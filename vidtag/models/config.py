@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from vidtag.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class LocationEncoderConfig:
@@ -15,7 +17,6 @@ class LocationEncoderConfig:
     hidden_dim: int = 1024  # GeoCLIP capsule: 512 -> 1024 -> 1024 -> 1024 (ReLU) -> head 512
     n_hidden: int = 3  # GeoCLIP: three Linear+ReLU layers per capsule
     out_dim: int = 512  # GeoCLIP / Sec. 3.3: shared 512-d embedding space
-    pretrained: bool = True  # initialise from the geoclip package's weights (DESIGN.md item 3)
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,11 @@ class VidTAGConfig:
     def from_dict(cls, d: dict[str, Any]) -> VidTAGConfig:
         """Inverse of ``to_dict``; unknown keys are an error so a typo in params is never ignored."""
         d = dict(d)
+        location = dict(d.pop("location", {}) or {})
+        location.pop("pretrained", None)  # older bundles kept the init source here; it is not architecture
         parts = {
             "frame": _build(FrameEncoderConfig, d.pop("frame", {})),
-            "location": _build(LocationEncoderConfig, d.pop("location", {})),
+            "location": _build(LocationEncoderConfig, location),
             "refiner": _build(GeoRefinerConfig, d.pop("refiner", {})),
         }
         return _build(cls, d, **parts)
@@ -80,7 +83,7 @@ def _build(klass, values: dict[str, Any] | None, **extra):
     names = {f.name for f in fields(klass)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"{klass.__name__}: unknown key(s) {unknown}; expected some of {sorted(names)}")
+        raise ConfigError(f"{klass.__name__}: unknown key(s) {unknown}; expected some of {sorted(names)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return klass(**values, **extra)
 

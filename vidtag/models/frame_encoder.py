@@ -36,26 +36,28 @@ class TempGeo(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, cfg.tempgeo_layers, norm=nn.LayerNorm(width), enable_nested_tensor=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def positions(self, t: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Position embeddings (B, T, D) for sequences of true ``lengths`` (B,) padded to ``t`` (default: all t).
+    def positions(self, t: int, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Position embeddings (B, T, D) for frames padded to ``t`` (``pad_mask`` (B, T) True = pad).
 
-        Interpolation uses each sequence's own length, so padding never changes the real frames' positions.
+        A frame's position is its rank among its sequence's unpadded frames, and a sequence of L of them
+        longer than the table uses the table interpolated to L rows. So where the padding sits never changes
+        the real frames' positions: a sequence with a masked frame is the same as that sequence without it.
         """
         p = self.pos.shape[0]
-        if lengths is None:
-            lengths = torch.full((1,), t, device=self.pos.device)
-        steps = torch.arange(t, device=self.pos.device, dtype=self.pos.dtype)[None, :]  # (1, T)
-        scale = ((p - 1) / (lengths.to(self.pos.dtype) - 1).clamp(min=1))[:, None]  # (B, 1)
-        frac = torch.where(lengths[:, None] > p, steps * scale, steps).clamp(max=p - 1)  # (B, T) table coordinate
+        if pad_mask is None:
+            pad_mask = torch.zeros(1, t, dtype=torch.bool, device=self.pos.device)
+        keep = ~pad_mask
+        rank = (keep.cumsum(dim=1) - 1).clamp(min=0).to(self.pos.dtype)  # (B, T) 0..L-1 over kept frames
+        lengths = keep.sum(dim=1, keepdim=True)  # (B, 1)
+        scale = (p - 1) / (lengths.to(self.pos.dtype) - 1).clamp(min=1)  # (B, 1)
+        frac = torch.where(lengths > p, rank * scale, rank).clamp(max=p - 1)  # (B, T) table coordinate
         lo = frac.floor().long()
         hi = (lo + 1).clamp(max=p - 1)
         w = (frac - lo.to(frac.dtype))[..., None]  # (B, T, 1)
         return self.pos[lo] * (1 - w) + self.pos[hi] * w  # (B, T, D)
 
     def forward(self, z: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
-        t = z.shape[1]
-        lengths = None if pad_mask is None else (~pad_mask).sum(dim=1)  # padding sits at the end
-        x = self.dropout(z + self.positions(t, lengths))  # (B, T, D)
+        x = self.dropout(z + self.positions(z.shape[1], pad_mask))  # (B, T, D)
         return self.encoder(x, src_key_padding_mask=pad_mask)  # (B, T, D)
 
 

@@ -12,10 +12,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vidtag.errors import ConfigError
 from vidtag.geo import equal_earth_torch
 from vidtag.models.config import LocationEncoderConfig
+from vidtag.seeding import seeded
 
 GEOCLIP_SIGMAS = (2.0**0, 2.0**4, 2.0**8)  # what geoclip's shipped weights were trained with
+LOCATION_INITS = ("geoclip", "random")
 
 
 def geoclip_weights_path() -> Path:
@@ -101,7 +104,7 @@ class LocationEncoder(nn.Module):
         """
         sigmas = tuple(float(s) for s in sigmas)
         if len(sigmas) != len(GEOCLIP_SIGMAS):
-            raise ValueError(f"from_geoclip needs {len(GEOCLIP_SIGMAS)} sigmas (one per pretrained capsule), got {sigmas}")
+            raise ConfigError(f"from_geoclip needs {len(GEOCLIP_SIGMAS)} sigmas (one per pretrained capsule), got {sigmas}")
         path = Path(weights_path) if weights_path else geoclip_weights_path()
         if not path.exists():
             raise FileNotFoundError(f"geoclip location-encoder weights not found at {path}; reinstall geoclip or pass weights_path")
@@ -109,19 +112,30 @@ class LocationEncoder(nn.Module):
         for i, (new, old) in enumerate(zip(sigmas, GEOCLIP_SIGMAS)):
             key = f"LocEnc{i}.capsule.0.b"
             state[key] = state[key] * (new / old)
-        model = cls(cfg=LocationEncoderConfig(sigmas=sigmas, pretrained=True))
+        model = cls(cfg=LocationEncoderConfig(sigmas=sigmas))
         model.load_state_dict(state, strict=True)
         return model
 
     @classmethod
-    def from_config(cls, cfg: LocationEncoderConfig, seed: int = 0) -> LocationEncoder:
-        """Pretrained GeoCLIP init when ``cfg.pretrained`` and the widths are GeoCLIP's, else random."""
-        geoclip_shape = (cfg.rff_dim, cfg.hidden_dim, cfg.n_hidden, cfg.out_dim) == (256, 1024, 3, 512)
-        if cfg.pretrained:
+    def from_config(cls, cfg: LocationEncoderConfig, init: str = "random", seed: int = 0) -> LocationEncoder:
+        """A fresh encoder of shape ``cfg``. ``init="geoclip"`` starts from the weights the geoclip package
+        ships (Sec. 3.3: initialised from GeoCLIP, then fine-tuned); ``"random"`` draws them from ``seed``.
+        Where weights come from is a training choice, not part of the architecture config."""
+        with seeded(seed):
+            return cls.fresh(cfg, init, seed)
+
+    @classmethod
+    def fresh(cls, cfg: LocationEncoderConfig, init: str = "random", seed: int = 0) -> LocationEncoder:
+        """As :meth:`from_config`, drawing from the global RNG as it stands: for callers that build several
+        modules inside one ``vidtag.seeding.seeded`` block."""
+        if init not in LOCATION_INITS:
+            raise ConfigError(f"location encoder init must be one of {LOCATION_INITS}; got {init!r}")
+        if init == "geoclip":
+            geoclip_shape = (cfg.rff_dim, cfg.hidden_dim, cfg.n_hidden, cfg.out_dim) == (256, 1024, 3, 512)
             if not geoclip_shape or len(cfg.sigmas) != 3:
-                raise ValueError(
-                    f"pretrained location encoder needs GeoCLIP's shape (3 sigmas, rff 256, hidden 1024 x3, out 512); "
-                    f"got {cfg}; set pretrained: false to train a different shape from scratch"
+                raise ConfigError(
+                    f"a GeoCLIP-initialised location encoder needs GeoCLIP's shape (3 sigmas, rff 256, hidden 1024 x3, "
+                    f"out 512); got {cfg}; set the init to random to train a different shape from scratch"
                 )
             return cls.from_geoclip(cfg.sigmas)
         return cls(cfg=cfg, seed=seed)
