@@ -6,9 +6,9 @@ import os
 
 import torch
 
+from vidtag.errors import DeviceError
 
-class DeviceError(ValueError):
-    """A device was asked for that this machine does not have."""
+__all__ = ["DeviceError", "resolve_device"]
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:

@@ -17,15 +17,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from vidtag.errors import GalleryError  # re-exported: `from vidtag.gallery import GalleryError` works
 from vidtag.geo import KM_PER_DEG_LAT, EARTH_RADIUS_KM, BBox, bounding_box, km_per_deg_lon, unit_vectors, wrap_lon
 from vidtag.io import read_parquet_metadata, write_parquet_atomic
 
 KINDS = ("grid", "city_centres", "geoclip100k")
 META_KEY = "vidtag.gallery"
-
-
-class GalleryError(ValueError):
-    """A gallery cannot be built from the given data, or a gallery file is malformed."""
 
 
 def grid_points(box: BBox, resolution_km: float) -> tuple[np.ndarray, np.ndarray]:
@@ -35,7 +32,7 @@ def grid_points(box: BBox, resolution_km: float) -> tuple[np.ndarray, np.ndarray
     N ≈ disLat·disLon / res² (App. D, step 5). Antimeridian-safe (longitudes wrapped to [-180, 180)).
     """
     if resolution_km <= 0:
-        raise ValueError(f"resolution_km must be > 0, got {resolution_km}")
+        raise GalleryError(f"resolution_km must be > 0, got {resolution_km}")
     dlat = resolution_km / KM_PER_DEG_LAT
     n_rows = int(np.floor((box.lat_max - box.lat_min) / dlat + 1e-9)) + 1
     lat_rows = box.lat_min + dlat * np.arange(n_rows)  # (R,)
@@ -123,7 +120,7 @@ def build_gallery(
 ) -> tuple[pl.DataFrame, dict]:
     """Build a gallery ``(df, meta)``: ``grid`` (App. D), ``city_centres`` (Sec. 5.3) or ``geoclip100k``."""
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise GalleryError(f"kind must be one of {KINDS}, got {kind!r}")
     meta: dict = {"kind": kind, "splits": list(splits)}
     if kind == "geoclip100k":
         path = geoclip_gallery_path()
@@ -150,6 +147,9 @@ def build_gallery(
         meta.update(regions=df["label"].to_list(), region_column=use_col)
         return _finish(df, meta, manifest_fingerprint)
 
+    if padding_km < 0 or cluster_km <= 0 or not 0 <= trim_quantile < 0.5:
+        raise GalleryError(f"need padding_km >= 0, cluster_km > 0 and 0 <= trim_quantile < 0.5; got {padding_km}, "
+                           f"{cluster_km}, {trim_quantile}")
     lat, lon = pts["lat"].to_numpy(), pts["lon"].to_numpy()
     if use_col is not None:
         names = pts[use_col].to_numpy().astype(str)

@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from vidtag.errors import GalleryCacheError, RetrievalError  # re-exported from here as well
 from vidtag.io import atomic_path, write_json_atomic
 
 Backend = Literal["auto", "faiss", "torch"]
@@ -30,14 +31,6 @@ FAISS_GPU_MAX_K = 2048
 
 # Scores held at once per query tile in the torch backend (float32 elements): ~256 MB.
 DEFAULT_SCORE_BUDGET = 64 * 1024 * 1024
-
-
-class RetrievalError(ValueError):
-    """Bad retrieval input (shapes, non-finite values, k) or an unusable backend."""
-
-
-class GalleryCacheError(RuntimeError):
-    """A cached gallery embedding file does not belong to this (model, gallery) pair."""
 
 
 def _faiss():

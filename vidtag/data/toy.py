@@ -60,11 +60,11 @@ class ToyConfig:
 
     def __post_init__(self):
         if not self.cities:
-            raise ValueError("ToyConfig.cities must name at least one city")
+            raise ManifestError("ToyConfig.cities must name at least one city")
         if not 2 <= self.min_frames <= self.max_frames:
-            raise ValueError(f"need 2 <= min_frames <= max_frames, got {self.min_frames}, {self.max_frames}")
+            raise ManifestError(f"need 2 <= min_frames <= max_frames, got {self.min_frames}, {self.max_frames}")
         if self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+            raise ManifestError(f"image_size must be >= 16, got {self.image_size}")
 
 
 def _slug(name: str) -> str:

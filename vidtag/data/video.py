@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from vidtag.data.manifest import ManifestError, SPLITS
+from vidtag.data.manifest import SPLITS
 from vidtag.data.report import finalize, flag_bad_coords
+from vidtag.errors import ManifestError
 from vidtag.geo import wrap_lon
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
@@ -47,7 +48,7 @@ def frame_times(path: str | os.PathLike) -> tuple[np.ndarray, float]:
 def sample_frame_times(times_s: np.ndarray, fps: float, start_s: float | None = None) -> np.ndarray:
     """The frames on screen at ``start + k / fps`` (k = 0, 1, ...): the first frame at or after each time."""
     if fps <= 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
+        raise ManifestError(f"fps must be > 0, got {fps}")
     if times_s.size == 0:
         return times_s
     start = times_s[0] if start_s is None else start_s
@@ -85,23 +86,37 @@ def read_track(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndar
     GPX: ``<trkpt lat lon><time>``; times become seconds after the first point."""
     path = Path(path)
     if path.suffix.lower() == ".gpx":
-        root = ET.parse(path).getroot()
+        try:
+            root = ET.parse(path).getroot()
+        except (OSError, ET.ParseError) as e:
+            raise ManifestError(f"{path}: cannot read as GPX ({e}); expected <trk><trkseg><trkpt lat lon><time>") from e
         pts = [e for e in root.iter() if e.tag.endswith("trkpt")]
         rows = []
         for i, p in enumerate(pts):
             tm = next((c.text for c in p if c.tag.endswith("time")), None)
             if tm is None:
                 raise ManifestError(f"{path}: trkpt {i} has no <time>; a track needs a time per point")
-            rows.append((datetime.fromisoformat(tm.strip().replace("Z", "+00:00")).timestamp(), float(p.get("lat")), float(p.get("lon"))))
+            try:
+                rows.append((datetime.fromisoformat(tm.strip().replace("Z", "+00:00")).timestamp(),
+                             float(p.get("lat")), float(p.get("lon"))))
+            except (TypeError, ValueError) as e:
+                raise ManifestError(f"{path}: trkpt {i} has a bad time or lat/lon ({e}); expected ISO 8601 time and "
+                                    "decimal degrees") from None
         if not rows:
             raise ManifestError(f"{path}: no <trkpt> points found")
         a = np.array(rows)
         return a[:, 0] - a[0, 0], a[:, 1], a[:, 2]
-    df = pl.read_csv(path)
+    try:
+        df = pl.read_csv(path)
+    except (OSError, pl.exceptions.PolarsError) as e:
+        raise ManifestError(f"{path}: cannot read as CSV ({e}); a track CSV needs t_s, lat, lon") from e
     missing = [c for c in ("t_s", "lat", "lon") if c not in df.columns]
     if missing:
         raise ManifestError(f"{path}: missing column(s) {missing}; a track CSV needs t_s (seconds from the video start), lat, lon")
-    return (df["t_s"].cast(pl.Float64).to_numpy(), df["lat"].cast(pl.Float64).to_numpy(), df["lon"].cast(pl.Float64).to_numpy())
+    try:
+        return tuple(df[c].cast(pl.Float64).to_numpy() for c in ("t_s", "lat", "lon"))
+    except pl.exceptions.PolarsError as e:
+        raise ManifestError(f"{path}: t_s, lat and lon must be numbers ({e})") from None
 
 
 def video_rows(video: Path, root: Path, sequence_id: str, fps: float, split: str,
@@ -141,7 +156,7 @@ def read_videos(paths: Sequence[str | os.PathLike], root: str | os.PathLike | No
     video only) is interpolated at the frames' times; frames outside it get null coordinates.
     """
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise ManifestError(f"split must be one of {SPLITS}, got {split!r}")
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():

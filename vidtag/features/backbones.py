@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from vidtag.errors import BackboneError  # re-exported: `from vidtag.features.backbones import BackboneError` works
+
 PRESETS = ("real", "tiny", "real-arch")
 
 # Small but real ViTs: enough depth/width to exercise every layer type, fast on 2 CPU cores.
@@ -39,10 +41,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class BackboneError(RuntimeError):
-    """A backbone cannot be built (missing weights, bad config); the message says what to do."""
-
-
 @dataclass(frozen=True)
 class BackboneConfig:
     """Which frozen encoders make the features; stored in the feature store and the model bundle."""
@@ -57,9 +55,9 @@ class BackboneConfig:
 
     def __post_init__(self):
         if self.preset not in PRESETS:
-            raise ValueError(f"backbone preset must be one of {PRESETS}, got {self.preset!r}")
+            raise BackboneError(f"backbone preset must be one of {PRESETS}, got {self.preset!r}")
         if self.image_size < 16:
-            raise ValueError(f"backbone image_size must be >= 16 px, got {self.image_size}")
+            raise BackboneError(f"backbone image_size must be >= 16 px, got {self.image_size}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BackboneConfig":
@@ -71,7 +69,7 @@ class BackboneConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(flat) - known)
         if unknown:
-            raise ValueError(f"unknown backbone setting(s) {unknown}; expected some of {sorted(known)}")
+            raise BackboneError(f"unknown backbone setting(s) {unknown}; expected some of {sorted(known)}")
         return cls(**flat)
 
 

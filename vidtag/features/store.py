@@ -27,15 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from vidtag.errors import FeatureStoreError  # re-exported: `from vidtag.features.store import FeatureStoreError` works
+
 FORMAT_VERSION = 1
 BAD_DIR = "_bad"
 # Attributes that must match for a store to be reused (the rest are informational).
 KEY_ATTRS = ("format_version", "backbones", "preprocessing", "manifest_fingerprint", "n_rows", "dims", "shard_rows",
              "chunk_rows")
-
-
-class FeatureStoreError(ValueError):
-    """A feature store that is missing, incomplete or made for other backbones / another manifest."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,7 @@ class StoreLayout:
 
     def __post_init__(self):
         if self.chunk_rows < 1 or self.shard_rows < self.chunk_rows or self.shard_rows % self.chunk_rows:
-            raise ValueError(f"shard_rows ({self.shard_rows}) must be a positive multiple of chunk_rows "
+            raise FeatureStoreError(f"shard_rows ({self.shard_rows}) must be a positive multiple of chunk_rows "
                              f"({self.chunk_rows})")
 
 
