@@ -1,27 +1,63 @@
 """The ``vidtag`` command line (Typer). Commands are thin: parse, call the library, report.
 
 Heavy imports (torch, transformers) happen inside commands so ``vidtag --help`` stays instant.
+Errors a user can cause (:class:`vidtag.errors.VidtagError`) end a command with one line
+``error: ...`` and exit code 1; ``VIDTAG_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
 import typer
 
-app = typer.Typer(
-    name="vidtag",
-    help="Geolocate every frame of a video: ingest datasets, extract features, predict trajectories.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-ingest_app = typer.Typer(help="Turn a dataset (or a folder / video) into a vidtag manifest.", no_args_is_help=True)
-app.add_typer(ingest_app, name="ingest")
+from vidtag.errors import VidtagError
 
 
 def fail(message: str, code: int = 1) -> None:
     """Print a one-line error for the user and exit non-zero (no traceback)."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
+
+
+def debug_enabled() -> bool:
+    """``VIDTAG_DEBUG`` set to anything but empty or ``0``: show tracebacks instead of one-line errors."""
+    return os.environ.get("VIDTAG_DEBUG", "") not in ("", "0")
+
+
+def report_user_errors(command):
+    """Wrap a command so that a :class:`~vidtag.errors.VidtagError` becomes ``error: <message>``, exit 1."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except VidtagError as e:
+            if debug_enabled():
+                raise
+            fail(str(e))
+
+    return run
+
+
+class _Typer(typer.Typer):
+    """A Typer app whose every command reports user errors through :func:`report_user_errors`."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+        return lambda f: register(report_user_errors(f))
+
+
+app = _Typer(
+    name="vidtag",
+    help="Geolocate every frame of a video: ingest datasets, extract features, predict trajectories.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+ingest_app = _Typer(help="Turn a dataset (or a folder / video) into a vidtag manifest.", no_args_is_help=True)
+app.add_typer(ingest_app, name="ingest")
 
 
 @app.command()
@@ -45,12 +81,8 @@ _SEED = typer.Option(0, "--seed", help="Seed of the train/val split (and of the 
 
 def _ingest(source: str, root, out, **kw) -> None:
     from vidtag.data.ingest import ingest
-    from vidtag.data.manifest import ManifestError
 
-    try:
-        m = ingest(source, root, out, **kw)
-    except (ManifestError, ValueError, KeyError) as e:
-        fail(str(e))
+    m = ingest(source, root, out, **kw)
     typer.echo(f"wrote {out}: {m!r}")
 
 
@@ -145,25 +177,20 @@ def extract(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Extract frozen CLIP + DINOv2 features for every manifest row (resumable; re-running is a no-op)."""
-    from vidtag.data.manifest import ManifestError, read_manifest
-    from vidtag.features.backbones import BackboneError
+    from vidtag.data.manifest import read_manifest
     from vidtag.features.extract import configs_from_params, extract_features, parse_shard
-    from vidtag.features.store import FeatureStoreError
 
-    try:
-        bcfg, ecfg = configs_from_params(dict(
-            preset=preset, clip={"arch": clip_arch, "pretrained": clip_pretrained}, dino={"name": dino_name},
-            image_size=image_size, seed=seed, batch_size=batch_size, num_workers=num_workers, device=device,
-            bf16=bf16, compile=compile, shard_rows=shard_rows, chunk_rows=min(64, shard_rows)))
-        result = extract_features(read_manifest(manifest), out, bcfg, ecfg, shard=parse_shard(shard),
-                                  overwrite=force, progress=progress)
-    except (ManifestError, BackboneError, FeatureStoreError, ValueError) as e:
-        fail(str(e))
+    bcfg, ecfg = configs_from_params(dict(
+        preset=preset, clip={"arch": clip_arch, "pretrained": clip_pretrained}, dino={"name": dino_name},
+        image_size=image_size, seed=seed, batch_size=batch_size, num_workers=num_workers, device=device,
+        bf16=bf16, compile=compile, shard_rows=shard_rows, chunk_rows=min(64, shard_rows)))
+    result = extract_features(read_manifest(manifest), out, bcfg, ecfg, shard=parse_shard(shard),
+                              overwrite=force, progress=progress)
     typer.echo(result.summary())
 
 # --- gallery (vidtag.gallery) ------------------------------------------------------------------
 
-gallery_app = typer.Typer(help="GPS galleries to retrieve from (paper App. D).", no_args_is_help=True)
+gallery_app = _Typer(help="GPS galleries to retrieve from (paper App. D).", no_args_is_help=True)
 app.add_typer(gallery_app, name="gallery")
 
 
@@ -175,15 +202,12 @@ def gallery_build(manifest: _Path, out: _Path = typer.Option(..., "--out", "-o",
                   trim_quantile: float = typer.Option(0.0, help="Trim this quantile of outliers on each side of a region."),
                   cluster_km: float = typer.Option(5.0, help="Without a city column: link training points within this distance into regions.")) -> None:
     """Build a gallery from a manifest's training split."""
-    from vidtag.data.manifest import ManifestError, manifest_fingerprint, read_manifest
-    from vidtag.gallery import GalleryError, build_gallery, write_gallery
+    from vidtag.data.manifest import manifest_fingerprint, read_manifest
+    from vidtag.gallery import build_gallery, write_gallery
 
-    try:
-        m = read_manifest(manifest)
-        df, meta = build_gallery(m.df, kind, resolution_km=resolution_km, padding_km=padding_km, trim_quantile=trim_quantile,
-                                 cluster_km=cluster_km, manifest_fingerprint=manifest_fingerprint(m.df))
-    except (ManifestError, GalleryError, ValueError) as e:
-        fail(str(e))
+    m = read_manifest(manifest)
+    df, meta = build_gallery(m.df, kind, resolution_km=resolution_km, padding_km=padding_km, trim_quantile=trim_quantile,
+                             cluster_km=cluster_km, manifest_fingerprint=manifest_fingerprint(m.df))
     write_gallery(df, meta, out)
     typer.echo(f"wrote {out}: {df.height} points, kind={kind}, {len(meta['regions'])} region(s)")
 
@@ -193,16 +217,13 @@ def gallery_show(path: _Path) -> None:
     """Print a gallery's size and how it was built."""
     import json
 
-    from vidtag.gallery import GalleryError, read_gallery
+    from vidtag.gallery import read_gallery
 
-    try:
-        df, meta = read_gallery(path)
-    except GalleryError as e:
-        fail(str(e))
+    _, meta = read_gallery(path)
     typer.echo(json.dumps(meta, indent=2, sort_keys=True))
 
 
-# --- predict / evaluate (vidtag.inference) -----------------------------------------------------
+# --- predict (vidtag.predict) ------------------------------------------------------------------
 
 
 def _default_cache_dir():
@@ -227,26 +248,20 @@ def predict(
     """Geolocate every frame of a video (or a folder of frames) with a trained model bundle."""
     import time
 
-    from vidtag.inference import InferenceError, PredictError, predict_input
+    from vidtag.device import resolve_device
     from vidtag.io import atomic_path
-    from vidtag.models.bundle import BundleError, load_bundle
-    from vidtag.retrieval import GalleryCacheError, RetrievalError
+    from vidtag.models.bundle import load_bundle
+    from vidtag.predict import predict_input
 
     if fps <= 0:
         fail(f"--fps must be > 0, got {fps}")
     if not input.exists():
         fail(f"{input} does not exist; expected a video file or a folder of frames")
     t0 = time.perf_counter()
-    try:
-        from vidtag.device import DeviceError, resolve_device
-        from vidtag.gallery import GalleryError
-
-        dev = resolve_device(device)
-        bundle = load_bundle(model, dev)
-        df = predict_input(input, bundle, fps=fps, device=dev, batch_size=batch_size,
-                           cache_dir=cache_dir or _default_cache_dir(), progress=progress)
-    except (PredictError, InferenceError, BundleError, RetrievalError, GalleryCacheError, GalleryError, DeviceError) as e:
-        fail(str(e))
+    dev = resolve_device(device)
+    bundle = load_bundle(model, dev)
+    df = predict_input(input, bundle, fps=fps, device=dev, batch_size=batch_size,
+                       cache_dir=cache_dir or _default_cache_dir(), progress=progress)
     with atomic_path(out) as tmp:
         df.write_csv(tmp, float_precision=7)
     if map_path is not None:
