@@ -400,6 +400,45 @@ def render(dvc_yaml: str | Path = REPO / "dvc.yaml", root: str | Path = REPO,
     return "\n".join(out)
 
 
+def write(dvc_yaml: str | Path = REPO / "dvc.yaml", root: str | Path = REPO, packages: Iterable[str] = PACKAGES) -> bool:
+    """Rewrite each stage's ``deps:`` list in ``dvc_yaml`` in place from the import closure (comments and
+    everything else kept, the file's own indentation followed; written atomically). True when it changed."""
+    from vidtag.io import atomic_path
+
+    path = Path(dvc_yaml)
+    text = path.read_text()
+    stages = load_stages(path)
+    lines, out, stage, i = text.splitlines(), [], None, 0
+
+    def indent(line: str) -> int:
+        return len(line) - len(line.lstrip())
+
+    while i < len(lines):
+        line = lines[i]
+        out.append(line)
+        i += 1
+        key = line.strip().split(":")[0]
+        if line.rstrip().endswith(":") and key in stages and indent(line) <= 2:
+            stage = key
+        if stage is None or line.strip() != "deps:":
+            continue
+        base, items = indent(line), []
+        while i < len(lines) and lines[i].strip() and (indent(lines[i]) > base or lines[i].lstrip().startswith("- ")):
+            items.append(lines[i])
+            i += 1
+        pad = " " * (indent(items[0]) if items else base + 2)
+        rendered = render(path, root, packages, stages=[stage]).splitlines()
+        block = rendered[rendered.index("    deps:") + 1:]
+        out.extend(pad + ln[6:] for ln in block)
+        stage = None
+    new = "\n".join(out) + "\n"
+    if new == text:
+        return False
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(new)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.deps", description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml's code deps differ from the closure")
@@ -407,8 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default=str(REPO), help="repository root the packages live in")
     ap.add_argument("--package", action="append", help=f"a repository package (repeatable; default {PACKAGES})")
     ap.add_argument("--stage", action="append", help="only this stage (repeatable; printing only)")
+    ap.add_argument("--write", action="store_true", help="rewrite dvc.yaml's deps lists in place from the closure")
     args = ap.parse_args(argv)
     packages = tuple(args.package or PACKAGES)
+    if args.write:
+        changed = write(args.dvc_yaml, args.root, packages)
+        print(f"{args.dvc_yaml}: {'deps rewritten' if changed else 'already exact'}")
+        return 0
     if not args.check:
         print(render(args.dvc_yaml, args.root, packages, stages=args.stage))
         return 0

@@ -1,4 +1,4 @@
-"""Streamed features (issue 5, item 6): batches read from the Zarr store by chunk equal the resident ones,
+"""Streamed features: batches read from the Zarr store by chunk equal the resident ones,
 the memory check picks a mode, and training gives the same weights in both modes."""
 
 from __future__ import annotations

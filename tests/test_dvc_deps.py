@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.deps import check, import_chains, import_closure, main, render, stage_modules
+from pipeline.deps import check, import_chains, import_closure, main, render, stage_modules, write
 
 REPO = Path(__file__).resolve().parent.parent
 DVC_YAML = REPO / "dvc.yaml"
@@ -221,3 +221,14 @@ def test_render_prints_pasteable_deps_and_check_exit_codes(repo, capsys):
     assert "s: too broad" in capsys.readouterr().out
     dvc_yaml(repo, block)
     assert main(["--check", *args]) == 0
+
+
+def test_write_makes_the_deps_exact_and_keeps_the_rest_of_the_file(repo):
+    path = dvc_yaml(repo, ["pkg/sub", "cache/data.parquet"])
+    path.write_text("# a comment kept\n" + path.read_text())
+    assert write(path, repo, packages=("pkg",))
+    (diff,) = check(path, repo, packages=("pkg",))
+    assert not diff, diff.lines()
+    assert path.read_text().startswith("# a comment kept\n")
+    assert "cache/data.parquet" in yaml.safe_load(path.read_text())["stages"]["s"]["deps"]
+    assert not write(path, repo, packages=("pkg",))  # already exact: untouched

@@ -50,7 +50,7 @@ def inference_config(cfg: EvalConfig, runtime: EvalRuntime) -> InferenceConfig:
 
 @dataclass
 class EvalResult:
-    predictions: pl.DataFrame  # DESIGN.md predictions format
+    predictions: pl.DataFrame  # one row per frame: sequence_id, frame_index, lat, lon, gt_*, phase1_*, confidence, valid
     metrics: dict[str, Any]  # metrics.evaluate(...) + "phase1" + counts
     sequences: pl.DataFrame  # per-sequence table
     plots: dict[str, pl.DataFrame] = field(default_factory=dict)  # name -> plot data

@@ -636,7 +636,7 @@ def _labels_accuracy(df: pl.DataFrame, level: str, label_level: str) -> float | 
 
 
 def evaluate(predictions: pl.DataFrame, gallery_latlon=None, label_level: str = "video") -> dict:
-    """All metrics of the paper for a predictions table, in DESIGN.md's metrics format.
+    """All metrics of the paper (Sec. 4.3: accuracies, median, DFD, MRD) for a predictions table, as metrics/eval.json holds them.
 
     Input columns: ``sequence_id, frame_index, lat, lon, gt_lat, gt_lon`` and optionally ground-truth
     ``city, state, country, continent`` with ``pred_city, ...``. Returns::
