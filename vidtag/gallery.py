@@ -8,7 +8,6 @@ the source manifest's fingerprint and the gallery's own ``fingerprint``.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -18,6 +17,7 @@ import numpy as np
 import polars as pl
 
 from vidtag.errors import GalleryError  # re-exported: `from vidtag.gallery import GalleryError` works
+from vidtag.fingerprint import sha256_arrays
 from vidtag.geo import KM_PER_DEG_LAT, EARTH_RADIUS_KM, BBox, bounding_box, km_per_deg_lon, unit_vectors, wrap_lon
 from vidtag.io import read_parquet_metadata, write_parquet_atomic
 
@@ -86,13 +86,13 @@ def _trimmed_box(lat: np.ndarray, lon: np.ndarray, q: float) -> BBox:
     return bounding_box(lat[keep], lon[keep]) if keep.any() else box
 
 
-def _fingerprint(df: pl.DataFrame) -> str:
-    h = hashlib.sha256()
-    h.update(df["lat"].to_numpy().astype("<f8").tobytes())
-    h.update(df["lon"].to_numpy().astype("<f8").tobytes())
-    if "label" in df.columns:
-        h.update("\x00".join(df["label"].fill_null("\x01").to_list()).encode())
-    return h.hexdigest()
+def gallery_fingerprint(df: pl.DataFrame) -> str:
+    """sha256 over the gallery's points (float64 lat, lon, then label if any), in order.
+
+    Without labels it equals :func:`vidtag.retrieval.latlon_fingerprint` of the same points.
+    """
+    cols = [df["lat"].cast(pl.Float64), df["lon"].cast(pl.Float64)]
+    return sha256_arrays(*cols, *([df["label"]] if "label" in df.columns else []))
 
 
 def geoclip_gallery_path() -> Path:
@@ -177,14 +177,14 @@ def build_gallery(
 
 
 def _finish(df: pl.DataFrame, meta: dict, manifest_fingerprint: str | None) -> tuple[pl.DataFrame, dict]:
-    meta = {**meta, "n_points": df.height, "manifest_fingerprint": manifest_fingerprint, "fingerprint": _fingerprint(df)}
+    meta = {**meta, "n_points": df.height, "manifest_fingerprint": manifest_fingerprint, "fingerprint": gallery_fingerprint(df)}
     return df, meta
 
 
 def write_gallery(df: pl.DataFrame, meta: dict, path: str | os.PathLike) -> None:
     """Write a gallery atomically; the metadata's fingerprint is recomputed from the rows."""
     df = df.with_columns(pl.col("lat").cast(pl.Float64), pl.col("lon").cast(pl.Float64))
-    meta = {**meta, "fingerprint": _fingerprint(df), "n_points": df.height}
+    meta = {**meta, "fingerprint": gallery_fingerprint(df), "n_points": df.height}
     write_parquet_atomic(df, path, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
 
 
@@ -198,9 +198,9 @@ def read_gallery(path: str | os.PathLike) -> tuple[pl.DataFrame, dict]:
         raise GalleryError(f"{path} has columns {df.columns}; a gallery needs lat, lon (float64) and optional label")
     meta_raw = read_parquet_metadata(path).get(META_KEY)
     meta = json.loads(meta_raw) if meta_raw else {"kind": "external"}
-    if meta_raw and meta.get("fingerprint") != _fingerprint(df):
+    if meta_raw and meta.get("fingerprint") != gallery_fingerprint(df):
         raise GalleryError(f"{path}: rows do not match the recorded fingerprint (file altered after writing); rebuild it")
-    meta.setdefault("fingerprint", _fingerprint(df))
+    meta.setdefault("fingerprint", gallery_fingerprint(df))
     return df, meta
 
 

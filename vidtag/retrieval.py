@@ -9,7 +9,6 @@ gallery is 2 GB: copy it to the device once, not per call).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from vidtag.errors import GalleryCacheError, RetrievalError  # re-exported from here as well
+from vidtag.fingerprint import sha256_arrays, sha256_state
 from vidtag.io import atomic_path, write_json_atomic
 
 Backend = Literal["auto", "faiss", "torch"]
@@ -297,19 +297,17 @@ def search(queries, gallery, k: int = 1, backend: Backend = "auto", device=None,
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over a module's parameters and buffers (names, shapes, dtypes, values)."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    """sha256 over a module's parameters and buffers (names, dtypes, shapes, values): :func:`sha256_state`."""
+    return sha256_state(module)
 
 
-def latlon_fingerprint(latlon_deg: np.ndarray) -> str:
-    """sha256 over the gallery's (G, 2) float64 degrees, in order."""
-    a = np.ascontiguousarray(latlon_deg, dtype=np.float64)
-    return hashlib.sha256(f"{a.shape}".encode() + a.tobytes()).hexdigest()
+def latlon_fingerprint(latlon_deg) -> str:
+    """sha256 over the gallery's (G, 2) degrees as float64, in order; equals
+    :func:`vidtag.gallery.gallery_fingerprint` of an unlabelled gallery of the same points."""
+    a = np.asarray(latlon_deg, dtype=np.float64)
+    if a.ndim != 2 or a.shape[1] != 2:
+        raise RetrievalError(f"gallery coordinates must be (G, 2) lat, lon degrees; found shape {a.shape}")
+    return sha256_arrays(a[:, 0], a[:, 1])
 
 
 def embed_locations(location_encoder: torch.nn.Module, latlon_deg, batch_size: int = 8192) -> np.ndarray:

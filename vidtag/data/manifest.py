@@ -8,7 +8,6 @@ clone of the repository (manifest and toy data under ``cache/``) can move.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import polars as pl
 
 from vidtag.errors import ManifestError  # re-exported: `from vidtag.data.manifest import ManifestError` works
+from vidtag.fingerprint import sha256_frame
 from vidtag.io import read_parquet_metadata, write_parquet_atomic
 
 # Column -> dtype, in the order a manifest is written. Only the first three and ``split`` are always
@@ -195,20 +195,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
 
 
 def manifest_fingerprint(df: pl.DataFrame) -> str:
-    """sha256 over the columns that shape features (row order included), stable across polars versions."""
-    h = hashlib.sha256()
-    h.update(f"rows={df.height};".encode())
-    for c in FINGERPRINT_COLUMNS:
-        h.update(f"|{c}:".encode())
-        if c not in df.columns:
-            h.update(b"absent")
-            continue
-        s = df[c]
-        if s.dtype == pl.String:
-            # \x01 marks null so that null and "" differ; \x00 separates values.
-            h.update("\x00".join(s.fill_null("\x01").to_list()).encode())
-        elif s.dtype.is_integer():
-            h.update(s.cast(pl.Int64).fill_null(-(2**62)).to_numpy().astype("<i8").tobytes())
-        else:
-            h.update(s.cast(pl.Float64).fill_null(np.nan).to_numpy().astype("<f8").tobytes())
-    return h.hexdigest()
+    """sha256 over the columns that shape features (row order included), stable across polars versions.
+
+    The feature store records it and refuses to serve another manifest's rows.
+    """
+    return sha256_frame(df, FINGERPRINT_COLUMNS)

@@ -8,7 +8,6 @@ identical weights); ``real-arch`` builds the ViT-L/14 architectures with random 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from vidtag.errors import BackboneError  # re-exported: `from vidtag.features.backbones import BackboneError` works
+from vidtag.fingerprint import sha256_state
 
 PRESETS = ("real", "tiny", "real-arch")
 
@@ -173,7 +173,7 @@ class DualBackbone(nn.Module):
     def weights_sha256(self) -> dict[str, str]:
         """sha256 of each encoder's state dict (names, dtypes, shapes, values): the weights' identity."""
         if self._weights_sha256 is None:
-            self._weights_sha256 = {"clip": _state_sha256(self.clip), "dino": _state_sha256(self.dino)}
+            self._weights_sha256 = {"clip": sha256_state(self.clip), "dino": sha256_state(self.dino)}
         return self._weights_sha256
 
     def fingerprint(self) -> dict[str, Any]:
@@ -191,15 +191,6 @@ class DualBackbone(nn.Module):
 
     def extra_repr(self) -> str:
         return f"preset={self.cfg.preset!r}, dims={self.dims}, sources={self.sources}"
-
-
-def _state_sha256(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def build_backbones(cfg: BackboneConfig, device: str | torch.device = "cpu") -> DualBackbone:
