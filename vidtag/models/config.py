@@ -49,6 +49,17 @@ class GeoRefinerConfig:
     decoder_layers: int = 2  # Appendix A
     ff_dim: int = 2048  # paper silent; PyTorch default
     dropout: float = 0.1  # paper silent; PyTorch default
+    # What ties decoder query t to frame t (paper silent, see GeoRefiner): "position" = learned rank
+    # positions on encoder inputs and queries, "frame" = query t += Linear(frame embedding t), "both";
+    # "none" is the paper-literal refiner (ablation): identical queries give identical outputs.
+    query_link: str = "both"
+    max_positions: int = 16  # learned table = training length (Appendix A: 16 frames); longer inputs interpolate it
+
+    def __post_init__(self):
+        if self.query_link not in ("none", "position", "frame", "both"):
+            raise ConfigError(f"GeoRefinerConfig: query_link {self.query_link!r}; expected 'none', 'position', 'frame' or 'both'")
+        if self.max_positions < 1:
+            raise ConfigError(f"GeoRefinerConfig: max_positions must be >= 1, got {self.max_positions}")
 
 
 @dataclass(frozen=True)
