@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidtag.models.config import FrameEncoderConfig
+from vidtag.models.positions import interpolated_positions
 
 
 class TempGeo(nn.Module):
@@ -43,18 +44,7 @@ class TempGeo(nn.Module):
         longer than the table uses the table interpolated to L rows. So where the padding sits never changes
         the real frames' positions: a sequence with a masked frame is the same as that sequence without it.
         """
-        p = self.pos.shape[0]
-        if pad_mask is None:
-            pad_mask = torch.zeros(1, t, dtype=torch.bool, device=self.pos.device)
-        keep = ~pad_mask
-        rank = (keep.cumsum(dim=1) - 1).clamp(min=0).to(self.pos.dtype)  # (B, T) 0..L-1 over kept frames
-        lengths = keep.sum(dim=1, keepdim=True)  # (B, 1)
-        scale = (p - 1) / (lengths.to(self.pos.dtype) - 1).clamp(min=1)  # (B, 1)
-        frac = torch.where(lengths > p, rank * scale, rank).clamp(max=p - 1)  # (B, T) table coordinate
-        lo = frac.floor().long()
-        hi = (lo + 1).clamp(max=p - 1)
-        w = (frac - lo.to(frac.dtype))[..., None]  # (B, T, 1)
-        return self.pos[lo] * (1 - w) + self.pos[hi] * w  # (B, T, D)
+        return interpolated_positions(self.pos, pad_mask, t)
 
     def forward(self, z: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
         x = self.dropout(z + self.positions(z.shape[1], pad_mask))  # (B, T, D)
