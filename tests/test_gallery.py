@@ -80,6 +80,12 @@ def test_city_centres_and_roundtrip(tmp_path):
         build_gallery(_manifest([1.0], [2.0], split="val"), "grid")
 
 
+def test_read_gallery_refuses_bad_coordinates(tmp_path):
+    pl.DataFrame({"lat": [1.0, 95.0], "lon": [2.0, 3.0]}).write_parquet(tmp_path / "ext.parquet")  # no vidtag metadata
+    with pytest.raises(GalleryError, match=r"ext.parquet row 1: lat/lon out of range"):
+        read_gallery(tmp_path / "ext.parquet")
+
+
 def test_geoclip_gallery():
     df, meta = build_gallery(None, "geoclip100k")
     assert df.height == 100_000 and df["lat"].abs().max() <= 90

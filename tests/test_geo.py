@@ -112,3 +112,26 @@ def test_bounding_box_rejects_bad_input():
 def test_validate_latlon():
     ok = geo.validate_latlon([0, 91, np.nan, -90], [0, 0, 0, 180.0])
     assert ok.tolist() == [True, False, False, True]
+
+
+def test_latlon_problems_tell_unknown_from_bad():
+    import polars as pl
+
+    lat = pl.Series([1.0, None, float("nan"), 95.0, None, float("inf")])
+    lon = pl.Series([2.0, None, 3.0, 0.0, 4.0, 0.0])
+    assert geo.latlon_problems(lat, lon).tolist() == [
+        None, None, "lat/lon is NaN or missing", "lat/lon out of range [-90, 90] x [-180, 180]",
+        "lat/lon is NaN or missing", "lat/lon out of range [-90, 90] x [-180, 180]"]
+    assert geo.latlon_problems(lat, lon, unknown_ok=False)[1] == "no coordinates"
+    # Arrays have no null: NaN is always bad.
+    assert geo.latlon_problems(np.array([np.nan]), np.array([np.nan])).tolist() == ["lat/lon is NaN or missing"]
+
+
+def test_check_latlon_names_the_source_and_first_bad_row():
+    from vidtag.errors import GalleryError, ManifestError
+
+    geo.check_latlon([1.0, 2.0], [3.0, 4.0], source="x.csv")
+    with pytest.raises(ManifestError, match=r"^x.csv row 1 and 1 more row\(s\): lat/lon out of range"):
+        geo.check_latlon([1.0, 91.0, -91.0], [3.0, 4.0, 5.0], source="x.csv")
+    with pytest.raises(GalleryError, match=r"^g line 3: lat/lon is NaN"):
+        geo.check_latlon([np.nan], [0.0], source="g", row_name=lambda i: f"line {i + 3}", error=GalleryError)

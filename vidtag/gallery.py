@@ -18,7 +18,8 @@ import polars as pl
 
 from vidtag.errors import GalleryError  # re-exported: `from vidtag.gallery import GalleryError` works
 from vidtag.fingerprint import sha256_arrays
-from vidtag.geo import KM_PER_DEG_LAT, EARTH_RADIUS_KM, BBox, bounding_box, km_per_deg_lon, unit_vectors, wrap_lon
+from vidtag.geo import (KM_PER_DEG_LAT, EARTH_RADIUS_KM, BBox, bounding_box, check_latlon, km_per_deg_lon, unit_vectors,
+                        wrap_lon)
 from vidtag.io import read_parquet_metadata, write_parquet_atomic
 
 KINDS = ("grid", "city_centres", "geoclip100k")
@@ -201,6 +202,7 @@ def read_gallery(path: str | os.PathLike) -> tuple[pl.DataFrame, dict]:
     if meta_raw and meta.get("fingerprint") != gallery_fingerprint(df):
         raise GalleryError(f"{path}: rows do not match the recorded fingerprint (file altered after writing); rebuild it")
     meta.setdefault("fingerprint", gallery_fingerprint(df))
+    check_latlon(df["lat"], df["lon"], source=f"gallery {path}", unknown_ok=False, error=GalleryError)
     return df, meta
 
 

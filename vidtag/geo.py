@@ -7,10 +7,13 @@ or device tensors. Longitudes are returned wrapped to [-180, 180).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from vidtag.errors import ManifestError
 
 EARTH_RADIUS_KM = 6371.0088  # IUGG mean Earth radius; the sphere every distance here uses.
 
@@ -179,8 +182,60 @@ def bounding_box(lat, lon) -> BBox:
     return BBox(float(lat.min()), float(lat.max()), float(lon_min), float(lon_max))
 
 
+LATLON_RANGE = "[-90, 90] x [-180, 180]"
+
+
 def validate_latlon(lat, lon) -> np.ndarray:
-    """Boolean mask of rows whose coordinates are finite and within [-90, 90] x [-180, 180]."""
+    """Boolean mask of rows whose coordinates are finite and within [-90, 90] x [-180, 180].
+
+    The one validity rule for coordinates; :func:`latlon_problems` and :func:`check_latlon` build on it.
+    """
     lat = np.asarray(lat, dtype=np.float64)
     lon = np.asarray(lon, dtype=np.float64)
     return np.isfinite(lat) & np.isfinite(lon) & (np.abs(lat) <= 90.0) & (np.abs(lon) <= 180.0)
+
+
+def _values_and_nulls(x) -> tuple[np.ndarray, np.ndarray]:
+    """float64 values (null as NaN) and the null mask; only a polars Series has nulls, NaN is never null."""
+    if hasattr(x, "is_null") and hasattr(x, "fill_null"):
+        import polars as pl
+
+        return x.cast(pl.Float64).fill_null(np.nan).to_numpy(), x.is_null().to_numpy()
+    values = np.asarray(x, dtype=np.float64)
+    return values, np.zeros(values.shape, dtype=bool)
+
+
+def latlon_problems(lat, lon, *, unknown_ok: bool = True) -> np.ndarray:
+    """Per row, why its coordinates are unusable, or None where they are fine: an object array.
+
+    ``lat`` / ``lon``: polars Series (null = unknown, NaN = an error) or arrays. Rows with both null are
+    "unknown": fine when ``unknown_ok``, else "no coordinates". A row is otherwise fine when
+    :func:`validate_latlon` holds.
+    """
+    la, lat_null = _values_and_nulls(lat)
+    lo, lon_null = _values_and_nulls(lon)
+    unknown = lat_null & lon_null
+    bad = ~validate_latlon(la, lo) & ~(unknown & unknown_ok)
+    reasons = np.full(la.shape, None, dtype=object)
+    reasons[bad] = f"lat/lon out of range {LATLON_RANGE}"
+    reasons[bad & (np.isnan(la) | np.isnan(lo))] = "lat/lon is NaN or missing"  # NaN, or one of the two null
+    reasons[bad & unknown] = "no coordinates"
+    return reasons
+
+
+def check_latlon(lat, lon, *, source: str, unknown_ok: bool = True, row_name: Callable[[int], str] | None = None,
+                 what: str | None = None, error: type[Exception] = ManifestError) -> None:
+    """Raise ``error`` (default :class:`~vidtag.errors.ManifestError`) naming ``source`` and its first bad row.
+
+    ``source`` names the file or table; ``row_name(i)`` describes row ``i`` (default ``"row i"``, 0-based);
+    ``what`` replaces the row's own reason from :func:`latlon_problems`, which judges the rows.
+    """
+    reasons = latlon_problems(lat, lon, unknown_ok=unknown_ok)
+    bad = np.flatnonzero(reasons != None)  # noqa: E711 - elementwise on an object array
+    if bad.size == 0:
+        return
+    i = int(bad[0])
+    where = row_name(i) if row_name is not None else f"row {i}"
+    more = f" and {bad.size - 1} more row(s)" if bad.size > 1 else ""
+    hint = "fix the coordinates" + (" or leave both null when unknown" if unknown_ok else "")
+    raise error(f"{source} {where}{more}: {what or reasons[i]}; {hint}")

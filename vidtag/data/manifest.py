@@ -17,6 +17,7 @@ import polars as pl
 
 from vidtag.errors import ManifestError  # re-exported: `from vidtag.data.manifest import ManifestError` works
 from vidtag.fingerprint import sha256_frame
+from vidtag.geo import check_latlon
 from vidtag.io import read_parquet_metadata, write_parquet_atomic
 
 # Column -> dtype, in the order a manifest is written. Only the first three and ``split`` are always
@@ -61,15 +62,18 @@ class Manifest:
         return f"Manifest({self.df.height} frames, {n_seq} sequences, splits={splits}, source={self.source!r}, root={str(self.root)!r})"
 
 
+def _row_name(df: pl.DataFrame, i: int) -> str:
+    """Row ``i`` by position and by its sequence and frame."""
+    row = df.row(i, named=True)
+    return f"row {i} (sequence_id={row.get('sequence_id')!r}, frame_index={row.get('frame_index')})"
+
+
 def _row_error(df: pl.DataFrame, mask: pl.Series | np.ndarray, what: str, hint: str) -> ManifestError:
     """An error naming the first offending row (its position and sequence/frame) and how many there are."""
     mask = np.asarray(mask, dtype=bool)
     idx = np.flatnonzero(mask)
-    i = int(idx[0])
-    row = df.row(i, named=True)
-    where = f"row {i} (sequence_id={row.get('sequence_id')!r}, frame_index={row.get('frame_index')})"
     more = f" and {idx.size - 1} more row(s)" if idx.size > 1 else ""
-    return ManifestError(f"manifest {where}{more}: {what}; {hint}")
+    return ManifestError(f"manifest {_row_name(df, int(idx[0]))}{more}: {what}; {hint}")
 
 
 def validate_manifest(df: pl.DataFrame) -> pl.DataFrame:
@@ -113,14 +117,9 @@ def validate_manifest(df: pl.DataFrame) -> pl.DataFrame:
         if bad_ts.any():
             raise _row_error(df, bad_ts, "video frame without a finite timestamp_s >= 0", "give each frame its time")
 
-    lat = df["lat"].fill_null(np.nan).to_numpy()
-    lon = df["lon"].fill_null(np.nan).to_numpy()
-    known_ll = ~(df["lat"].is_null() & df["lon"].is_null()).to_numpy()  # NaN is an error, null is "unknown"
-    ok = np.isfinite(lat) & np.isfinite(lon) & (np.abs(lat) <= 90.0) & (np.abs(lon) <= 180.0)
-    bad_ll = known_ll & ~ok
-    if bad_ll.any():
-        raise _row_error(df, bad_ll, "lat/lon is NaN, half-missing or out of range [-90, 90] x [-180, 180]",
-                         "fix the coordinates or leave both null when unknown")
+    # Both null is "unknown" (frames to predict); NaN, half-null and out-of-range are errors.
+    check_latlon(df["lat"], df["lon"], source="manifest", row_name=lambda i: _row_name(df, i),
+                 what="lat/lon is NaN, half-missing or out of range [-90, 90] x [-180, 180]")
     df = df.sort("sequence_id", "frame_index", maintain_order=True)
     dup = df.select(pl.struct("sequence_id", "frame_index").is_duplicated()).to_series()
     if dup.any():

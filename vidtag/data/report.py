@@ -14,6 +14,7 @@ import polars as pl
 
 from vidtag.data.manifest import validate_manifest
 from vidtag.errors import ManifestError
+from vidtag.geo import latlon_problems
 from vidtag.io import atomic_path
 
 SKIPPED_COLUMNS = {"file": pl.String(), "row": pl.Int64(), "sequence_id": pl.String(), "reason": pl.String()}
@@ -40,18 +41,11 @@ def flag(df: pl.DataFrame, mask, reason: str) -> pl.DataFrame:
 
 def flag_bad_coords(df: pl.DataFrame, allow_null: bool = True) -> pl.DataFrame:
     """Flag NaN / half-missing / out-of-range coordinates (both null is 'unknown', fine if allowed)."""
-    lat = df["lat"].cast(pl.Float64).fill_null(np.nan).to_numpy()
-    lon = df["lon"].cast(pl.Float64).fill_null(np.nan).to_numpy()
-    both_null = (df["lat"].is_null() & df["lon"].is_null()).to_numpy()
-    ok = np.isfinite(lat) & np.isfinite(lon) & (np.abs(lat) <= 90) & (np.abs(lon) <= 180)
-    bad = ~ok & ~(both_null & allow_null)
+    reasons = latlon_problems(df["lat"], df["lon"], unknown_ok=allow_null)
+    bad = reasons != None  # noqa: E711 - elementwise on an object array
     if not bad.any():
         return df
-    reasons = np.where(
-        both_null, "no coordinates",
-        np.where(np.isnan(lat) | np.isnan(lon), "lat/lon is NaN or missing", "lat/lon out of range [-90, 90] x [-180, 180]"),
-    )
-    out = df.with_columns(pl.Series("_bad_ll", reasons))
+    out = df.with_columns(pl.Series("_bad_ll", reasons.tolist(), dtype=pl.String))
     return out.with_columns(
         pl.when(pl.col("_reason").is_null() & pl.Series(bad)).then(pl.col("_bad_ll")).otherwise(pl.col("_reason")).alias("_reason")
     ).drop("_bad_ll")
