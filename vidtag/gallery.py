@@ -205,14 +205,3 @@ def read_gallery(path: str | os.PathLike) -> tuple[pl.DataFrame, dict]:
     check_latlon(df["lat"], df["lon"], source=f"gallery {path}", unknown_ok=False, error=GalleryError)
     return df, meta
 
-
-def read_gallery_csv(path: str | os.PathLike) -> pl.DataFrame:
-    """A plain CSV gallery (``lat,lon[,label]``, or GeoCLIP's ``LAT,LON``) as a gallery table."""
-    raw = pl.read_csv(path)
-    cols = {c.lower(): c for c in raw.columns}
-    if not {"lat", "lon"} <= set(cols):
-        raise GalleryError(f"{path}: columns {raw.columns}; expected lat, lon and optionally label")
-    sel = [pl.col(cols["lat"]).cast(pl.Float64).alias("lat"), pl.col(cols["lon"]).cast(pl.Float64).alias("lon")]
-    if "label" in cols:
-        sel.append(pl.col(cols["label"]).cast(pl.String).alias("label"))
-    return raw.select(sel)

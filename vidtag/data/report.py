@@ -21,10 +21,6 @@ SKIPPED_COLUMNS = {"file": pl.String(), "row": pl.Int64(), "sequence_id": pl.Str
 BOOKKEEPING = ("_file", "_row", "_reason", "_order")
 
 
-def empty_skipped() -> pl.DataFrame:
-    return pl.DataFrame(schema=SKIPPED_COLUMNS)
-
-
 def write_skipped(skipped: pl.DataFrame, path: str | os.PathLike) -> None:
     """The skip report as CSV (written even when empty, so a stale one never lingers)."""
     with atomic_path(path) as tmp:

