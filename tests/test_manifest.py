@@ -119,3 +119,14 @@ def test_finalize_raises_or_skips_and_reports(tmp_path):
     write_manifest(good, out, tmp_path, skipped=skipped)
     report = pl.read_csv(skipped_report_path(out))
     assert report["reason"].to_list() == ["lat/lon out of range [-90, 90] x [-180, 180]", "duplicate image"]
+
+
+def test_manifest_imports_no_reader():
+    """The manifest sits below the readers and their skip-report helpers (no import cycle with report)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vidtag.data.manifest; "
+            "assert not [m for m in sys.modules if m.startswith('vidtag.data.') and m != 'vidtag.data.manifest'], "
+            "sorted(sys.modules); from vidtag.data import read_manifest, ManifestError")
+    subprocess.run([sys.executable, "-c", code], check=True)

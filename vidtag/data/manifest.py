@@ -18,7 +18,7 @@ import polars as pl
 from vidtag.errors import ManifestError  # re-exported: `from vidtag.data.manifest import ManifestError` works
 from vidtag.fingerprint import sha256_frame
 from vidtag.geo import check_latlon
-from vidtag.io import read_parquet_metadata, write_parquet_atomic
+from vidtag.io import atomic_path, read_parquet_metadata, write_parquet_atomic
 
 # Column -> dtype, in the order a manifest is written. Only the first three and ``split`` are always
 # present; a manifest has ``image_path`` or ``video_path`` + ``timestamp_s`` (or both, per row one);
@@ -42,6 +42,9 @@ LABEL_COLUMNS = ("city", "state", "country", "continent")
 SPLITS = ("train", "val", "test")
 # What the feature store depends on: change any of these and extracted features no longer line up.
 FINGERPRINT_COLUMNS = ("sequence_id", "frame_index", "image_path", "video_path", "timestamp_s")
+
+# The skip report: one row per input row left out by ``skip_bad`` (vidtag.data.report.finalize).
+SKIPPED_COLUMNS = {"file": pl.String(), "row": pl.Int64(), "sequence_id": pl.String(), "reason": pl.String()}
 
 META_ROOT = "vidtag.root"
 META_SOURCE = "vidtag.source"
@@ -162,8 +165,6 @@ def write_manifest(
         META_FINGERPRINT: manifest_fingerprint(df),
     }
     if skipped is not None:
-        from vidtag.data.report import write_skipped
-
         write_skipped(skipped, skipped_report_path(path))
     write_parquet_atomic(df, path, metadata=meta)
     return Manifest(df, Path(root).resolve(), source)
@@ -173,6 +174,12 @@ def skipped_report_path(manifest_path: str | os.PathLike) -> Path:
     """Where the rows left out by ``skip_bad`` are listed: beside the manifest."""
     p = Path(manifest_path)
     return p.with_name(p.name + ".skipped.csv")
+
+
+def write_skipped(skipped: pl.DataFrame, path: str | os.PathLike) -> None:
+    """The skip report as CSV (written even when empty, so a stale one never lingers)."""
+    with atomic_path(path) as tmp:
+        skipped.select(list(SKIPPED_COLUMNS)).write_csv(tmp)
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:

@@ -2,7 +2,8 @@
 
 Readers build one candidate row per frame with three bookkeeping columns — ``_file`` and ``_row``
 (where the row came from, for messages) and ``_reason`` (null when the row is fine) — plus
-``_order`` (the frame's temporal order key). :func:`finalize` turns that into a manifest table.
+``_order`` (the frame's temporal order key). :func:`finalize` turns that into a manifest table and a
+skip report (:data:`vidtag.data.manifest.SKIPPED_COLUMNS`), which ``write_manifest`` writes.
 """
 
 from __future__ import annotations
@@ -15,16 +16,8 @@ import polars as pl
 from vidtag.data.manifest import validate_manifest
 from vidtag.errors import ManifestError
 from vidtag.geo import latlon_problems
-from vidtag.io import atomic_path
 
-SKIPPED_COLUMNS = {"file": pl.String(), "row": pl.Int64(), "sequence_id": pl.String(), "reason": pl.String()}
 BOOKKEEPING = ("_file", "_row", "_reason", "_order")
-
-
-def write_skipped(skipped: pl.DataFrame, path: str | os.PathLike) -> None:
-    """The skip report as CSV (written even when empty, so a stale one never lingers)."""
-    with atomic_path(path) as tmp:
-        skipped.select(list(SKIPPED_COLUMNS)).write_csv(tmp)
 
 
 def flag(df: pl.DataFrame, mask, reason: str) -> pl.DataFrame:
