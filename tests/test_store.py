@@ -152,3 +152,16 @@ def test_overwrite_keeps_a_matching_store_and_replaces_a_foreign_directory(tmp_p
         open_store(tmp_path / "other", _key())
     assert (tmp_path / "other" / "notes.txt").exists()
     assert open_store(tmp_path / "other", _key(), overwrite=True)[1] == "created"
+
+
+def test_importing_the_store_loads_neither_backbones_nor_torch():
+    """Package __init__s are lazy: the store (and the stages reading it) do not depend on the backbones."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vidtag.features.store; "
+            "assert not {'vidtag.features.backbones', 'open_clip', 'torch'} & set(sys.modules), sorted(sys.modules); "
+            "from vidtag.features import FeatureStoreError, load_features; "
+            "assert load_features is vidtag.features.store.load_features; "
+            "assert 'vidtag.features.backbones' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
