@@ -25,7 +25,7 @@ from vidtag.io import atomic_path, write_json_atomic
 Backend = Literal["auto", "faiss", "torch"]
 BACKENDS = ("auto", "faiss", "torch")
 
-# FAISS's GPU kernels only select up to this many neighbours per query (faiss #2103); above it the
+# FAISS's GPU kernels only select up to this many neighbours per query; above it the
 # GPU path hands over to the torch backend, which has no cap.
 FAISS_GPU_MAX_K = 2048
 

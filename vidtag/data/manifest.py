@@ -1,4 +1,4 @@
-"""The manifest: one row per frame, the single table every later stage reads (DESIGN.md, Formats).
+"""The manifest: one row per frame of a dataset (paper Sec. 4.1), the single table every later stage reads.
 
 Frames are referenced, never copied: ``image_path`` (relative to the dataset root) or ``video_path``
 + ``timestamp_s`` (decoded later by the extractor through :mod:`vidtag.data.video`). The root is

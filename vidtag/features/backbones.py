@@ -47,7 +47,7 @@ class BackboneConfig:
 
     preset: str = "real"  # "real" | "tiny" (random, demo/tests) | "real-arch" (ViT-L/14 shapes, random weights)
     clip_arch: str = "ViT-L-14"  # Sec. 3.1 / App. A: CLIP ViT-L/14, the image encoder GeoCLIP uses
-    clip_pretrained: str = "openai"  # DESIGN.md: open_clip tag, or a local checkpoint file
+    clip_pretrained: str = "openai"  # open_clip pretrained tag, or a local checkpoint file
     clip_quick_gelu: bool = True  # OpenAI's CLIP weights were trained with QuickGELU (open_clip warns otherwise)
     dino_name: str = "facebook/dinov2-large"  # Sec. 3.1 / App. A: DINOv2 ViT-L/14; HF id (cached) or local dir
     image_size: int = 224  # App. A: frames resized to 224x224
@@ -161,7 +161,8 @@ class DualBackbone(nn.Module):
         clip_enc, dino_enc = self._encoders
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.bf16):
             f_clip = clip_enc(x_clip)  # (B, 3, S, S) -> (B, Dc): open_clip's projected image embedding
-            # pooler_output = CLS token after the final layernorm, read by name (transformers 5 lesson).
+            # pooler_output = CLS token after the final layernorm, read by name rather than by tuple
+            # position, so a transformers release that reorders the outputs cannot swap them.
             f_dino = dino_enc(pixel_values=x_dino).pooler_output  # (B, 3, S, S) -> (B, Dd)
         return f_clip.float(), f_dino.float()
 

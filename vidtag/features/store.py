@@ -1,4 +1,4 @@
-"""The feature store: a Zarr v3 group, row i <-> manifest row i (DESIGN.md, Formats).
+"""The feature store: the frozen CLIP + DINOv2 features of Sec. 3.1 in a Zarr v3 group, row i <-> manifest row i.
 
 Layout, and why:
 - ``clip (N, Dc)`` / ``dino (N, Dd)`` float16, ``valid (N,)`` bool. Training reads sequences of 16
@@ -7,7 +7,7 @@ Layout, and why:
   compression: float16 features are near-incompressible and decompression would only slow random reads.
 - Chunks are grouped into shards of ``shard_rows`` rows (4096: 6 + 8 MiB files at ViT-L/14 sizes), one
   shard per array per *work unit*: 1M frames make ~750 files, not millions (DVC hashes it in seconds).
-  A writer only ever writes whole shards that it owns (zarr-python #3682: partial-shard writes from
+  A writer only ever writes whole shards that it owns (zarr-python's partial-shard writes from
   several processes lose data), which is what makes ``--shard i/n`` safe.
 - ``done (n_units,)`` bool, one chunk file per unit, written only after that unit's shards; a killed
   run redoes exactly the units without a ``done`` mark, so the result is byte-identical to a clean run.
