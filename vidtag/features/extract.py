@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from vidtag.device import resolve_device
+from vidtag.errors import FeatureStoreError, ManifestError
 from vidtag.features.backbones import BackboneConfig, DualBackbone, build_backbones
 from vidtag.features.dataset import FrameBatches, FrameSource
 from vidtag.features.store import StoreLayout, open_store, store_key
@@ -38,7 +39,7 @@ class ExtractConfig:
 
     def __post_init__(self):
         if self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}")
+            raise FeatureStoreError(f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}")
 
 
 @dataclass
@@ -95,9 +96,9 @@ def parse_shard(spec: str | None = None, env: dict[str, str] | None = None) -> t
         i_s, n_s = str(spec).split("/")
         i, n = int(i_s), int(n_s)
     except ValueError:
-        raise ValueError(f"shard must look like i/n (e.g. 0/4), got {spec!r}") from None
+        raise FeatureStoreError(f"shard must look like i/n (e.g. 0/4), got {spec!r}") from None
     if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"shard {spec!r} is out of range: need 0 <= i < n")
+        raise FeatureStoreError(f"shard {spec!r} is out of range: need 0 <= i < n")
     return i, n
 
 
@@ -133,11 +134,11 @@ def extract_features(
     df = manifest.df
     n = df.height
     if n == 0:
-        raise ValueError("the manifest has no rows; nothing to extract")
+        raise ManifestError("the manifest has no rows; nothing to extract")
     shard_i, shard_n = shard
     if overwrite and shard_n > 1:
-        raise ValueError("--force with --shard would let one shard delete the others' work; "
-                         "rebuild once without --shard (or delete the store), then start the shards")
+        raise FeatureStoreError("--force with --shard would let one shard delete the others' work; "
+                                "rebuild once without --shard (or delete the store), then start the shards")
     device = resolve_device(cfg.device)
     bb = backbone if isinstance(backbone, DualBackbone) else build_backbones(backbone, device)
     bb = bb.to(device)
