@@ -70,3 +70,12 @@ def test_ingest_toy_splits_by_drive_within_cities(tmp_path):
     assert (per_city["val"] > 0).all() and (per_city["train"] > 0).all()
     assert df.group_by("sequence_id").agg(pl.col("split").n_unique())["split"].max() == 1
     assert all((tmp_path / "toy" / p).is_file() for p in df["image_path"].head(10))
+
+
+def test_bad_config_is_a_config_error():
+    import pytest
+
+    from vidtag.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="min_frames"):
+        ToyConfig(min_frames=30, max_frames=20)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from vidtag.errors import GalleryError  # re-exported: `from vidtag.gallery import GalleryError` works
+from vidtag.errors import ConfigError, GalleryError  # GalleryError re-exported: `from vidtag.gallery import GalleryError` works
 from vidtag.fingerprint import sha256_arrays
 from vidtag.geo import (KM_PER_DEG_LAT, EARTH_RADIUS_KM, BBox, bounding_box, check_latlon, km_per_deg_lon, unit_vectors,
                         wrap_lon)
@@ -33,7 +33,7 @@ def grid_points(box: BBox, resolution_km: float) -> tuple[np.ndarray, np.ndarray
     N ≈ disLat·disLon / res² (App. D, step 5). Antimeridian-safe (longitudes wrapped to [-180, 180)).
     """
     if resolution_km <= 0:
-        raise GalleryError(f"resolution_km must be > 0, got {resolution_km}")
+        raise ConfigError(f"resolution_km must be > 0, got {resolution_km}")
     dlat = resolution_km / KM_PER_DEG_LAT
     n_rows = int(np.floor((box.lat_max - box.lat_min) / dlat + 1e-9)) + 1
     lat_rows = box.lat_min + dlat * np.arange(n_rows)  # (R,)
@@ -121,7 +121,7 @@ def build_gallery(
 ) -> tuple[pl.DataFrame, dict]:
     """Build a gallery ``(df, meta)``: ``grid`` (App. D), ``city_centres`` (Sec. 5.3) or ``geoclip100k``."""
     if kind not in KINDS:
-        raise GalleryError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
     meta: dict = {"kind": kind, "splits": list(splits)}
     if kind == "geoclip100k":
         path = geoclip_gallery_path()
@@ -149,8 +149,8 @@ def build_gallery(
         return _finish(df, meta, manifest_fingerprint)
 
     if padding_km < 0 or cluster_km <= 0 or not 0 <= trim_quantile < 0.5:
-        raise GalleryError(f"need padding_km >= 0, cluster_km > 0 and 0 <= trim_quantile < 0.5; got {padding_km}, "
-                           f"{cluster_km}, {trim_quantile}")
+        raise ConfigError(f"need padding_km >= 0, cluster_km > 0 and 0 <= trim_quantile < 0.5; got {padding_km}, "
+                          f"{cluster_km}, {trim_quantile}")
     lat, lon = pts["lat"].to_numpy(), pts["lon"].to_numpy()
     if use_col is not None:
         names = pts[use_col].to_numpy().astype(str)

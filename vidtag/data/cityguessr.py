@@ -20,7 +20,7 @@ import polars as pl
 from vidtag.data.frames import list_frames
 from vidtag.data.manifest import SPLITS
 from vidtag.data.report import finalize, flag, flag_bad_coords
-from vidtag.errors import ManifestError
+from vidtag.errors import ConfigError, ManifestError
 
 N_LABEL_FIELDS = 5  # frames_dir, city_id, state_id, country_id, continent_id
 
@@ -118,7 +118,7 @@ def read_cityguessr(root: str | os.PathLike, labels: dict[str, str | os.PathLike
     """
     root = Path(root)
     if frame_step < 1:
-        raise ManifestError(f"frame_step must be >= 1, got {frame_step}")
+        raise ConfigError(f"frame_step must be >= 1, got {frame_step}")
     table = build_city_table(city_table) if not (isinstance(city_table, pl.DataFrame) and {"lat", "lon"} <= set(city_table.columns)
                                                  and city_table["lat"].null_count() == 0) else city_table
     centres = {r["city_id"]: (r["lat"], r["lon"]) for r in table.iter_rows(named=True)}
@@ -133,7 +133,7 @@ def read_cityguessr(root: str | os.PathLike, labels: dict[str, str | os.PathLike
     rows = []
     for split, lpath in labels.items():
         if split not in SPLITS:
-            raise ManifestError(f"label split must be one of {SPLITS}, got {split!r}")
+            raise ConfigError(f"label split must be one of {SPLITS}, got {split!r}")
         lpath = Path(lpath)
         if not lpath.is_file():
             raise ManifestError(f"label file {lpath} not found")

@@ -16,7 +16,7 @@ import polars as pl
 from vidtag.data.manifest import SPLITS
 from vidtag.data.report import finalize, flag, flag_bad_coords, flag_duplicates
 from vidtag.data.split import split_sequences
-from vidtag.errors import ManifestError
+from vidtag.errors import ConfigError, ManifestError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -70,7 +70,7 @@ def read_frames(
         raise ManifestError(f"frames root {root} is not a folder; expected ROOT/<sequence_id>/<frame files>")
     split = split or ("train" if coords_csv is not None else "test")
     if split not in SPLITS:
-        raise ManifestError(f"split must be one of {SPLITS}, got {split!r}")
+        raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
     files = _scan(root)
     if files.height == 0:
         raise ManifestError(f"{root} has no images in sub-folders; expected ROOT/<sequence_id>/<frame>{IMAGE_EXTENSIONS}")

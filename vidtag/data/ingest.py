@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from vidtag.data.manifest import Manifest, write_manifest
-from vidtag.errors import ManifestError
+from vidtag.errors import ConfigError
 
 SOURCES = ("toy", "msls", "bdd", "cityguessr", "frames", "video")
 
@@ -53,5 +53,5 @@ def ingest(source: str, root: str | os.PathLike, out: str | os.PathLike, *, val_
         paths = opts.pop("paths", None) or [root]
         df, skipped, root = read_videos(paths, root if root.is_dir() else None, skip_bad=skip_bad, **opts)
     else:
-        raise ManifestError(f"data source must be one of {SOURCES}, got {source!r}")
+        raise ConfigError(f"data source must be one of {SOURCES}, got {source!r}")
     return write_manifest(df, out, root, source=source, skipped=skipped)

@@ -17,7 +17,7 @@ import polars as pl
 
 from vidtag.data.report import finalize, flag, flag_bad_coords, flag_duplicates, flag_missing_files
 from vidtag.data.split import official_split, split_sequences
-from vidtag.errors import ManifestError
+from vidtag.errors import ConfigError, ManifestError
 
 SUBSETS = ("query", "database")
 OFFICIAL_VAL_CITIES = ("cph", "sf")  # mapillary_sls default_cities["val"]
@@ -83,7 +83,7 @@ def read_msls(root: str | os.PathLike, *, val_fraction: float = 0.2, seed: int =
     training cities, as the paper's own split needs); ``split="official"``: ``val_cities`` are val.
     """
     if split not in ("random", "official"):
-        raise ManifestError(f"split must be one of ('random', 'official'), got {split!r}")
+        raise ConfigError(f"split must be one of ('random', 'official'), got {split!r}")
     root = Path(root)
     tv = root / "train_val"
     if not tv.is_dir():

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from vidtag.errors import ManifestError
+from vidtag.errors import ConfigError, ManifestError
 
 
 def _rank_key(seed: int, sequence_id: str) -> str:
@@ -29,7 +29,7 @@ def split_sequences(
     follows CityGuessr's split; for MSLS we stratify per city).
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ManifestError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     strata = list(strata) if strata is not None else [None] * len(sequence_ids)
     if len(strata) != len(sequence_ids):
         raise ManifestError("strata must have one entry per sequence id")

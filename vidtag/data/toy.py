@@ -30,6 +30,7 @@ import polars as pl
 from PIL import Image
 
 from vidtag.data.cityguessr import lookup_city
+from vidtag.errors import ConfigError
 from vidtag.geo import offset_km
 from vidtag.io import atomic_path
 
@@ -59,11 +60,11 @@ class ToyConfig:
 
     def __post_init__(self):
         if not self.cities:
-            raise ManifestError("ToyConfig.cities must name at least one city")
+            raise ConfigError("ToyConfig.cities must name at least one city")
         if not 2 <= self.min_frames <= self.max_frames:
-            raise ManifestError(f"need 2 <= min_frames <= max_frames, got {self.min_frames}, {self.max_frames}")
+            raise ConfigError(f"need 2 <= min_frames <= max_frames, got {self.min_frames}, {self.max_frames}")
         if self.image_size < 16:
-            raise ManifestError(f"image_size must be >= 16, got {self.image_size}")
+            raise ConfigError(f"image_size must be >= 16, got {self.image_size}")
 
 
 def _slug(name: str) -> str:

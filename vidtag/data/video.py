@@ -20,7 +20,7 @@ import polars as pl
 
 from vidtag.data.manifest import SPLITS
 from vidtag.data.report import finalize, flag_bad_coords
-from vidtag.errors import ManifestError
+from vidtag.errors import ConfigError, ManifestError
 from vidtag.geo import wrap_lon
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
@@ -48,7 +48,7 @@ def frame_times(path: str | os.PathLike) -> tuple[np.ndarray, float]:
 def sample_frame_times(times_s: np.ndarray, fps: float, start_s: float | None = None) -> np.ndarray:
     """The frames on screen at ``start + k / fps`` (k = 0, 1, ...): the first frame at or after each time."""
     if fps <= 0:
-        raise ManifestError(f"fps must be > 0, got {fps}")
+        raise ConfigError(f"fps must be > 0, got {fps}")
     if times_s.size == 0:
         return times_s
     start = times_s[0] if start_s is None else start_s
@@ -156,7 +156,7 @@ def read_videos(paths: Sequence[str | os.PathLike], root: str | os.PathLike | No
     video only) is interpolated at the frames' times; frames outside it get null coordinates.
     """
     if split not in SPLITS:
-        raise ManifestError(f"split must be one of {SPLITS}, got {split!r}")
+        raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():

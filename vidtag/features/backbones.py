@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vidtag.errors import BackboneError  # re-exported: `from vidtag.features.backbones import BackboneError` works
+from vidtag.errors import BackboneError, ConfigError  # BackboneError re-exported: `from vidtag.features.backbones import BackboneError` works
 from vidtag.fingerprint import sha256_state
 
 PRESETS = ("real", "tiny", "real-arch")
@@ -55,9 +55,9 @@ class BackboneConfig:
 
     def __post_init__(self):
         if self.preset not in PRESETS:
-            raise BackboneError(f"backbone preset must be one of {PRESETS}, got {self.preset!r}")
+            raise ConfigError(f"backbone preset must be one of {PRESETS}, got {self.preset!r}")
         if self.image_size < 16:
-            raise BackboneError(f"backbone image_size must be >= 16 px, got {self.image_size}")
+            raise ConfigError(f"backbone image_size must be >= 16 px, got {self.image_size}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BackboneConfig":
@@ -69,7 +69,7 @@ class BackboneConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(flat) - known)
         if unknown:
-            raise BackboneError(f"unknown backbone setting(s) {unknown}; expected some of {sorted(known)}")
+            raise ConfigError(f"unknown backbone setting(s) {unknown}; expected some of {sorted(known)}")
         return cls(**flat)
 
 

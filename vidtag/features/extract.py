@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from vidtag.device import resolve_device
-from vidtag.errors import FeatureStoreError, ManifestError
+from vidtag.errors import ConfigError, ManifestError
 from vidtag.features.backbones import BackboneConfig, DualBackbone, build_backbones
 from vidtag.features.dataset import FrameBatches, FrameSource
 from vidtag.features.store import StoreLayout, open_store, store_key
@@ -39,7 +39,7 @@ class ExtractConfig:
 
     def __post_init__(self):
         if self.batch_size < 1 or self.num_workers < 0:
-            raise FeatureStoreError(f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}")
+            raise ConfigError(f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}")
 
 
 @dataclass
@@ -96,9 +96,9 @@ def parse_shard(spec: str | None = None, env: dict[str, str] | None = None) -> t
         i_s, n_s = str(spec).split("/")
         i, n = int(i_s), int(n_s)
     except ValueError:
-        raise FeatureStoreError(f"shard must look like i/n (e.g. 0/4), got {spec!r}") from None
+        raise ConfigError(f"shard must look like i/n (e.g. 0/4), got {spec!r}") from None
     if not (n >= 1 and 0 <= i < n):
-        raise FeatureStoreError(f"shard {spec!r} is out of range: need 0 <= i < n")
+        raise ConfigError(f"shard {spec!r} is out of range: need 0 <= i < n")
     return i, n
 
 
@@ -137,8 +137,8 @@ def extract_features(
         raise ManifestError("the manifest has no rows; nothing to extract")
     shard_i, shard_n = shard
     if overwrite and shard_n > 1:
-        raise FeatureStoreError("--force with --shard would let one shard delete the others' work; "
-                                "rebuild once without --shard (or delete the store), then start the shards")
+        raise ConfigError("--force with --shard would let one shard delete the others' work; "
+                          "rebuild once without --shard (or delete the store), then start the shards")
     device = resolve_device(cfg.device)
     bb = backbone if isinstance(backbone, DualBackbone) else build_backbones(backbone, device)
     bb = bb.to(device)

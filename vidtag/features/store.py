@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from vidtag.errors import FeatureStoreError  # re-exported: `from vidtag.features.store import FeatureStoreError` works
+from vidtag.errors import ConfigError, FeatureStoreError  # FeatureStoreError re-exported: `from vidtag.features.store import ...` works
 
 FORMAT_VERSION = 1
 BAD_DIR = "_bad"
@@ -45,7 +45,7 @@ class StoreLayout:
 
     def __post_init__(self):
         if self.chunk_rows < 1 or self.shard_rows < self.chunk_rows or self.shard_rows % self.chunk_rows:
-            raise FeatureStoreError(f"shard_rows ({self.shard_rows}) must be a positive multiple of chunk_rows "
+            raise ConfigError(f"shard_rows ({self.shard_rows}) must be a positive multiple of chunk_rows "
                              f"({self.chunk_rows})")
 
 
