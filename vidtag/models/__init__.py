@@ -14,6 +14,7 @@ _EXPORTS = {
     "FrameEncoderConfig": "config", "GeoRefinerConfig": "config", "LocationEncoderConfig": "config", "VidTAGConfig": "config",
     "FrameEncoder": "frame_encoder", "TempGeo": "frame_encoder",
     "GeoRefiner": "georefiner",
+    "GeoCLIPHead": "geoclip_head",
     "LocationEncoder": "location_encoder",
 }
 __all__ = sorted(_EXPORTS)
