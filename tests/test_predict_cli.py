@@ -117,3 +117,14 @@ def test_missing_bundle(tmp_path):
     video = make_clip(tmp_path / "clip.mp4", seconds=1.0)
     r = run(video, "--model", tmp_path / "no-model", "--out", tmp_path / "p.csv")
     assert r.exit_code != 0 and r.output.startswith("error: ") and "incomplete" in r.output
+
+
+def test_vidtag_debug_shows_the_traceback(tmp_path, monkeypatch):
+    from vidtag.errors import BundleError
+
+    video = make_clip(tmp_path / "clip.mp4", seconds=1.0)
+    r = run(video, "--model", tmp_path / "no-model", "--out", tmp_path / "p.csv")
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
+    monkeypatch.setenv("VIDTAG_DEBUG", "1")
+    r = run(video, "--model", tmp_path / "no-model", "--out", tmp_path / "p.csv")
+    assert isinstance(r.exception, BundleError) and "incomplete" in str(r.exception)

@@ -79,3 +79,14 @@ def test_bad_config_is_a_config_error():
 
     with pytest.raises(ConfigError, match="min_frames"):
         ToyConfig(min_frames=30, max_frames=20)
+
+
+def test_cli_reports_an_unknown_city_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from vidtag.cli import app
+
+    r = CliRunner().invoke(app, ["ingest", "toy", str(tmp_path / "toy"), "--out", str(tmp_path / "m.parquet"),
+                                 "--cities", "Nowhereville"])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.exception
+    assert r.output.startswith("error: no city named 'Nowhereville'") and len(r.output.strip().splitlines()) == 1
