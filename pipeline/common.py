@@ -47,6 +47,6 @@ def run_stage(main: Callable[[], Any]) -> None:
     try:
         main()
     except VidtagError as e:
-        if os.environ.get("VIDTAG_DEBUG"):
+        if os.environ.get("VIDTAG_DEBUG", "") not in ("", "0"):
             raise
         raise SystemExit(f"error: {e}") from None

@@ -9,7 +9,6 @@ batch boundaries are fixed inside a unit, the final store is byte-identical to a
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,9 +125,8 @@ def extract_features(
 
     ``max_units`` stops after that many units (tests and benchmarks); the store stays resumable.
     """
-    from tqdm import tqdm
-
     from vidtag.data.manifest import manifest_fingerprint
+    from vidtag.progress import Progress
 
     t0 = time.perf_counter()
     df = manifest.df
@@ -173,8 +171,7 @@ def extract_features(
     written = 0
     unit_iter = iter(units)
     cur = None  # (unit, start, stop, clip, dino, valid, bad, filled)
-    with tqdm(total=n_todo, unit="frame", desc="extract", disable=not progress, file=sys.stderr,
-              dynamic_ncols=True) as bar:
+    with Progress(total=n_todo, desc="extract", unit="frame", enabled=progress) as bar:
         for rows, x_clip, x_dino, ok, reasons in loader:
             if cur is None:
                 u = next(unit_iter)
@@ -201,7 +198,7 @@ def extract_features(
                 u, a, b, c, d, v, bad, _ = cur
                 store.write_unit(u, c, d, v, bad)
                 for r, m in bad:
-                    tqdm.write(f"bad frame: manifest row {r}: {m}", file=sys.stderr)
+                    bar.write(f"bad frame: manifest row {r}: {m}")
                 written += b - a
                 cur = None
     seconds = time.perf_counter() - t0

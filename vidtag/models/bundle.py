@@ -7,7 +7,6 @@ store, feature dims, gallery file name + sha256, model sha256) and ``gallery.par
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vidtag.errors import BundleError
+from vidtag.fingerprint import sha256_file
 from vidtag.io import atomic_path
 from vidtag.models.config import VidTAGConfig
 from vidtag.models.frame_encoder import FrameEncoder
@@ -44,14 +44,6 @@ class Bundle:
         for m in (self.frame_encoder, self.location_encoder, self.refiner):
             m.eval()
         return self
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def build_models(cfg: VidTAGConfig, seed: int = 0, location_init: str = "random") -> tuple[FrameEncoder, LocationEncoder, GeoRefiner]:
