@@ -67,6 +67,9 @@ class Located:
     phase1: np.ndarray  # (M,) gallery index of the Phase I top-1
     final: np.ndarray | None  # (M,) gallery index after the GeoRefiner; None when not refined
     confidence: np.ndarray | None  # (M,) see the module docstring; None when not asked for
+    # Phase I's top-K per frame when asked for (locate(top_k=K)): gallery index (M, K) and probability (M, K),
+    # softmax(exp(logit_scale) * cos) over the frame's k candidates, best first.
+    candidates: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @contextmanager
@@ -138,11 +141,13 @@ class Locator:
 
     @torch.no_grad()
     def locate(self, source, table: SequenceTable, *, k: int = 1, batch_frames: int = 8192,
-               confidence_radius_km: float | None = None, progress: bool = False) -> Located:
+               confidence_radius_km: float | None = None, progress: bool = False, top_k: int = 0) -> Located:
         """Fig. 5 for every frame of ``table``, whole sequences at a time, features gathered from ``source``
-        (vidtag.features.source). ``k`` Phase I candidates feed the confidence (needs ``confidence_radius_km``)."""
-        k = max(1, min(int(k), len(self.gallery_latlon)))
-        rows_out, p1_out, p2_out, conf_out = [], [], [], []
+        (vidtag.features.source). ``k`` Phase I candidates feed the confidence (needs ``confidence_radius_km``);
+        ``top_k`` > 0 also returns each frame's best ``top_k`` of them (``Located.candidates``)."""
+        top_k = max(0, min(int(top_k), len(self.gallery_latlon)))
+        k = max(1, top_k, min(int(k), len(self.gallery_latlon)))
+        rows_out, p1_out, p2_out, conf_out, cand_out = [], [], [], [], []
         chunks = padded_chunks(table, batch_frames) if len(table) else []
         with _eval_mode(self.frame_encoder, self.refiner):
             for _, rows, pad in progress_bar(chunks, total=len(chunks), desc="inference", unit="batch", enabled=progress):
@@ -153,7 +158,12 @@ class Locator:
                 s1, i1 = self.index.search(frame_emb[keep].float(), k=k)  # (M, k) Phase I candidates, best first
                 rows_out.append(rows[keep])
                 p1_out.append(i1[:, 0])
-                if self.refiner is None:
+                if top_k:
+                    prob = torch.softmax(s1.float() * self.scale, dim=1)  # (M, k), as the confidence's
+                    cand_out.append((i1[:, :top_k], prob[:, :top_k]))
+                if self.refiner is None:  # Phase I only: its top-1 is the answer
+                    if confidence_radius_km is not None:
+                        conf_out.append(self._confidence(s1, i1, i1[:, 0], confidence_radius_km))
                     continue
                 gps_emb = torch.zeros_like(frame_emb)
                 gps_emb[keep] = self.gallery_emb[i1[:, 0]].to(gps_emb.dtype)  # (M, D) -> (B, T, D)
@@ -165,8 +175,12 @@ class Locator:
 
         def cat(parts):
             return torch.cat(parts).cpu().numpy() if parts else np.zeros(0, np.int64)
+        cands = None
+        if top_k:
+            cands = (cat([i for i, _ in cand_out]).reshape(-1, top_k),
+                     cat([p for _, p in cand_out]).astype(np.float64).reshape(-1, top_k))
         return Located(cat(rows_out), cat(p1_out), cat(p2_out) if self.refiner is not None else None,
-                       cat(conf_out).astype(np.float64) if conf_out else None)
+                       cat(conf_out).astype(np.float64) if conf_out else None, cands)
 
     def _confidence(self, s1: torch.Tensor, i1: torch.Tensor, final: torch.Tensor, radius_km: float) -> torch.Tensor:
         """Phase I softmax mass (M,) of the candidates within ``radius_km`` of each final prediction."""
@@ -257,6 +271,7 @@ def predict_sequences(
     cfg: InferenceConfig = InferenceConfig(),
     device: str | torch.device | None = "auto",
     progress: bool = False,
+    top_k: int = 0,
 ) -> pl.DataFrame:
     """Two-stage predictions for every frame of many sequences.
 
@@ -265,7 +280,8 @@ def predict_sequences(
     ``sequence_offsets`` (S + 1,): sequence s is rows ``offsets[s]:offsets[s+1]``; ``valid`` (N,) bool
     (None = all valid). ``gallery`` (G, 2) degrees defaults to the bundle's; ``gallery_emb`` its
     unit-norm embeddings (else embedded and cached under ``cache_dir``). Returns one row per frame,
-    in input order: sequence_id, frame_index, lat, lon, phase1_lat, phase1_lon, confidence, valid.
+    in input order: sequence_id, frame_index, lat, lon, phase1_lat, phase1_lon, confidence, valid; with
+    ``top_k`` > 0 also ``candidates``, each frame's Phase I top-K (see :func:`candidates_column`).
     """
     dev = resolve_device(device)
     valid, offsets, ids = check_features(bundle, clip, dino, valid, sequence_offsets, sequence_ids)
@@ -273,8 +289,22 @@ def predict_sequences(
     table = sequences_from_offsets(offsets, valid, ids)
     source = FeatureTensors.from_frames(np.asarray(clip), np.asarray(dino), dev)
     found = locator.locate(source, table, k=cfg.k, batch_frames=cfg.batch_frames,
-                           confidence_radius_km=cfg.confidence_radius_km, progress=progress)
-    return frame_table(found, locator.gallery_latlon, valid, offsets, ids)
+                           confidence_radius_km=cfg.confidence_radius_km, progress=progress, top_k=top_k)
+    out = frame_table(found, locator.gallery_latlon, valid, offsets, ids)
+    return out.with_columns(candidates_column(found, locator.gallery_latlon, len(valid))) if top_k else out
+
+
+def candidates_column(found: Located, gallery: np.ndarray, n: int) -> pl.Series:
+    """``candidates`` (n,): per frame a list of ``{rank, lat, lon, score}``, rank 1 = the Phase I top-1, score its
+    probability (:attr:`Located.candidates`); empty for a frame the model did not see (unreadable)."""
+    idx, prob = found.candidates  # (M, K), (M, K)
+    k = idx.shape[1]
+    per_frame: list[list[dict]] = [[] for _ in range(n)]
+    lat, lon = gallery[idx, 0], gallery[idx, 1]  # (M, K) each
+    for row, la, lo, p in zip(found.rows.tolist(), lat.tolist(), lon.tolist(), prob.tolist()):
+        per_frame[row] = [{"rank": r + 1, "lat": la[r], "lon": lo[r], "score": p[r]} for r in range(k)]
+    dtype = pl.List(pl.Struct({"rank": pl.Int32, "lat": pl.Float64, "lon": pl.Float64, "score": pl.Float64}))
+    return pl.Series("candidates", per_frame, dtype=dtype)
 
 
 def frame_table(found: Located, gallery: np.ndarray, valid: np.ndarray, offsets: np.ndarray, sequence_ids: list[str]) -> pl.DataFrame:
