@@ -117,15 +117,46 @@ def test_missing_clip_checkpoint_file_says_where_to_put_it(tmp_path):
         build_backbones(cfg)
 
 
-def test_missing_dino_weights_offline_say_where_to_put_them(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_missing_local_dino_dir_names_it(tmp_path):
     from vidtag.features import backbones
 
     with pytest.raises(BackboneError) as err:
         backbones._build_dino(BackboneConfig(preset="real", dino_name=str(tmp_path / "no-dinov2")))
     msg = str(err.value)
-    assert "HF_HOME" in msg and "backbone.dino.name" in msg and "preset=tiny" in msg
-    assert err.value.__cause__ is None and err.value.__suppress_context__  # one clear error, no traceback soup
+    assert str(tmp_path / "no-dinov2") in msg and "backbone.dino.name" in msg and "preset=tiny" in msg
+    assert "\n" not in msg and err.value.__context__ is None  # one clear line, no traceback soup
+
+
+@pytest.fixture
+def empty_hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, and a hub that fails the test if anything calls it."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the lookup must not rely on the hub being offline
+
+    def no_hub(*a, **k):
+        raise AssertionError("the hub was called")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.setattr(huggingface_hub.file_download, "hf_hub_download", no_hub)
+    return tmp_path / "hf" / "hub"
+
+
+def test_missing_dino_in_hf_cache_says_what_to_fetch_at_once(empty_hf_cache):
+    import time
+
+    from vidtag.features import backbones
+
+    t0 = time.perf_counter()
+    with pytest.raises(BackboneError) as err:
+        backbones._build_dino(BackboneConfig(preset="real"))
+    msg = str(err.value)
+    assert time.perf_counter() - t0 < 5
+    assert str(empty_hf_cache / "models--facebook--dinov2-large") in msg
+    assert "`hf download facebook/dinov2-large config.json model.safetensors preprocessor_config.json`" in msg
+    assert "\n" not in msg and err.value.__context__ is None
 
 
 def test_real_arch_dino_config_is_dinov2_large():
@@ -135,11 +166,37 @@ def test_real_arch_dino_config_is_dinov2_large():
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.patch_size) == (1024, 24, 16, 14)
 
 
-def test_missing_clip_tag_weights_offline_say_where_to_put_them(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_missing_clip_tag_weights_say_which_file_and_how_to_fetch_it_at_once(empty_hf_cache):
+    import time
+
     from vidtag.features import backbones
 
-    with pytest.raises(BackboneError) as err:  # ViT-B-32: the smallest arch with an 'openai' tag
-        backbones._build_clip(BackboneConfig(preset="real", clip_arch="ViT-B-32", clip_pretrained="openai"))
+    t0 = time.perf_counter()
+    with pytest.raises(BackboneError) as err:  # the real model's tag: open_clip reads it from the hub cache
+        backbones._build_clip(BackboneConfig(preset="real", clip_arch="ViT-L-14", clip_pretrained="openai"))
     msg = str(err.value)
-    assert "Hugging Face cache" in msg and "backbone.clip.pretrained" in msg and "preset=tiny" in msg
+    assert time.perf_counter() - t0 < 5  # no hub call, no network timeout
+    assert f"open_clip_model.safetensors in {empty_hf_cache / 'models--timm--vit_large_patch14_clip_224.openai'}" in msg
+    assert "`hf download timm/vit_large_patch14_clip_224.openai open_clip_model.safetensors`" in msg
+    assert "HF_HOME" in msg and "preset=tiny" in msg
+    assert "\n" not in msg and err.value.__context__ is None
+
+
+def test_unknown_clip_tag_lists_the_known_ones():
+    from vidtag.features import backbones
+
+    with pytest.raises(BackboneError, match="no pretrained tag 'nope' for ViT-L-14 .*openai"):
+        backbones.clip_weights_file("ViT-L-14", "nope")
+
+
+def test_clip_only_backbone_has_no_dino_and_the_same_clip(tiny):
+    clip_only = build_backbones(TINY, dino=False)
+    assert clip_only.dims == (32, 0) and clip_only.dino is None and not clip_only.has_dino
+    img = _image()
+    c, d = clip_only.preprocess(img)
+    assert d is None and torch.equal(c, tiny.preprocess(img)[0])
+    f_clip, f_dino = clip_only.encode(c[None], None)
+    assert f_dino.shape == (1, 0) and torch.equal(f_clip, tiny.encode(*[x[None] for x in tiny.preprocess(img)])[0])
+    fp = clip_only.fingerprint()
+    assert fp["clip"]["weights_sha256"] == tiny.weights_sha256()["clip"]
+    assert fp["dino"]["dim"] == 0 and fp["dino"]["weights_sha256"] is None and fp["dino"]["name"] is None

@@ -4,6 +4,15 @@ Three presets share one code path (the same classes, preprocessing and ``encode`
 ``real`` loads pretrained weights (offline: caches or local paths); ``tiny`` builds small random
 models from config with a fixed seed (tests, the demo, and ``predict`` on a demo bundle rebuild the
 identical weights); ``real-arch`` builds the ViT-L/14 architectures with random weights (benchmarks).
+
+``build_backbones(cfg, dino=False)`` builds the CLIP tower alone (GeoCLIP's zero-shot model reads CLIP
+features only): DINOv2 is neither loaded nor run, and its features are (B, 0).
+
+Real weights are looked up in the local caches before any loader runs (:func:`clip_weights_file`,
+:func:`dino_weights_dir`): the Hugging Face hub cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``, read when
+called), where open_clip's ``hf_hub`` tags and transformers keep them. A missing file is one error line
+naming the file, the folder it belongs in and the command that fetches it on a connected machine, at once:
+no hub call, so no network timeouts or retries on an offline machine.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -80,14 +90,15 @@ class Preprocessor:
     :meth:`DualBackbone.encode` on the device, so workers ship 4x fewer bytes and the GPU does the maths.
     """
 
-    def __init__(self, clip_cfg: dict[str, Any], dino_cfg: dict[str, Any]):
-        self.clip_cfg, self.dino_cfg = clip_cfg, dino_cfg
+    def __init__(self, clip_cfg: dict[str, Any], dino_cfg: dict[str, Any] | None):
+        self.clip_cfg, self.dino_cfg = clip_cfg, dino_cfg  # dino_cfg None: CLIP only
         self._clip = _geometric(clip_cfg)
-        self._dino = _geometric(dino_cfg)
+        self._dino = _geometric(dino_cfg) if dino_cfg is not None else None
 
-    def __call__(self, img) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, img) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (clip (3, S, S) uint8, dino (3, S, S) uint8, or None for a CLIP-only backbone)."""
         img = img.convert("RGB")
-        return _to_chw(self._clip(img)), _to_chw(self._dino(img))
+        return _to_chw(self._clip(img)), (_to_chw(self._dino(img)) if self._dino is not None else None)
 
     def __getstate__(self):
         return {"clip_cfg": self.clip_cfg, "dino_cfg": self.dino_cfg}
@@ -115,22 +126,25 @@ def _to_chw(img) -> torch.Tensor:
 
 
 class DualBackbone(nn.Module):
-    """Frozen CLIP visual tower + DINOv2; ``encode`` gives (B, Dc) and (B, Dd) float32 features."""
+    """Frozen CLIP visual tower + DINOv2; ``encode`` gives (B, Dc) and (B, Dd) float32 features.
 
-    def __init__(self, cfg: BackboneConfig, clip_visual: nn.Module, dino: nn.Module, preprocessor: Preprocessor,
-                 sources: dict[str, str]):
+    ``dino=None`` is the CLIP tower alone: ``dims == (Dc, 0)`` and ``encode`` gives (B, 0) DINOv2 features."""
+
+    def __init__(self, cfg: BackboneConfig, clip_visual: nn.Module, dino: nn.Module | None, preprocessor: Preprocessor,
+                 sources: dict[str, str | None]):
         super().__init__()
         self.cfg = cfg
         self.clip = clip_visual.eval().requires_grad_(False)
-        self.dino = dino.eval().requires_grad_(False)
+        self.dino = dino.eval().requires_grad_(False) if dino is not None else None
         self.preprocessor = preprocessor
         self.sources = sources
         self.bf16 = False
         self._encoders = (self.clip, self.dino)
         for name, pp in (("clip", preprocessor.clip_cfg), ("dino", preprocessor.dino_cfg)):
-            self.register_buffer(f"{name}_mean", torch.tensor(pp["mean"]).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer(f"{name}_std", torch.tensor(pp["std"]).view(1, 3, 1, 1), persistent=False)
-        self.dims = (int(clip_visual.output_dim), int(dino.config.hidden_size))
+            if pp is not None:
+                self.register_buffer(f"{name}_mean", torch.tensor(pp["mean"]).view(1, 3, 1, 1), persistent=False)
+                self.register_buffer(f"{name}_std", torch.tensor(pp["std"]).view(1, 3, 1, 1), persistent=False)
+        self.dims = (int(clip_visual.output_dim), int(dino.config.hidden_size) if dino is not None else 0)
         self._weights_sha256: dict[str, str] | None = None
 
     def train(self, mode: bool = True) -> "DualBackbone":
@@ -140,8 +154,12 @@ class DualBackbone(nn.Module):
     def device(self) -> torch.device:
         return self.clip_mean.device
 
-    def preprocess(self, img) -> tuple[torch.Tensor, torch.Tensor]:
-        """PIL image -> (clip (3, S, S) uint8, dino (3, S, S) uint8)."""
+    @property
+    def has_dino(self) -> bool:
+        return self.dino is not None
+
+    def preprocess(self, img) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """PIL image -> (clip (3, S, S) uint8, dino (3, S, S) uint8 or None without DINOv2)."""
         return self.preprocessor(img)
 
     def set_precision(self, bf16: bool) -> None:
@@ -150,20 +168,25 @@ class DualBackbone(nn.Module):
 
     def compile_encoders(self, **kwargs) -> None:
         """torch.compile both encoders for ``encode``; ``state_dict`` keeps its plain keys."""
-        self._encoders = (torch.compile(self.clip, **kwargs), torch.compile(self.dino, **kwargs))
+        self._encoders = tuple(torch.compile(m, **kwargs) if m is not None else None for m in (self.clip, self.dino))
 
     @torch.inference_mode()
-    def encode(self, clip_bchw: torch.Tensor, dino_bchw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (or [0, 1] float) crops from :meth:`preprocess` -> (clip (B, Dc), dino (B, Dd)) float32."""
+    def encode(self, clip_bchw: torch.Tensor, dino_bchw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (or [0, 1] float) crops from :meth:`preprocess` -> (clip (B, Dc), dino (B, Dd)) float32.
+
+        Without DINOv2 ``dino_bchw`` is ignored (None is fine) and the DINOv2 features are (B, 0)."""
         dev = self.device
         x_clip = self._normalise(clip_bchw.to(dev, non_blocking=True), self.clip_mean, self.clip_std)
-        x_dino = self._normalise(dino_bchw.to(dev, non_blocking=True), self.dino_mean, self.dino_std)
         clip_enc, dino_enc = self._encoders
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.bf16):
             f_clip = clip_enc(x_clip)  # (B, 3, S, S) -> (B, Dc): open_clip's projected image embedding
-            # pooler_output = CLS token after the final layernorm, read by name rather than by tuple
-            # position, so a transformers release that reorders the outputs cannot swap them.
-            f_dino = dino_enc(pixel_values=x_dino).pooler_output  # (B, 3, S, S) -> (B, Dd)
+            if dino_enc is None:
+                f_dino = f_clip.new_zeros((f_clip.shape[0], 0))  # (B, 0)
+            else:
+                x_dino = self._normalise(dino_bchw.to(dev, non_blocking=True), self.dino_mean, self.dino_std)
+                # pooler_output = CLS token after the final layernorm, read by name rather than by tuple
+                # position, so a transformers release that reorders the outputs cannot swap them.
+                f_dino = dino_enc(pixel_values=x_dino).pooler_output  # (B, 3, S, S) -> (B, Dd)
         return f_clip.float(), f_dino.float()
 
     @staticmethod
@@ -174,7 +197,8 @@ class DualBackbone(nn.Module):
     def weights_sha256(self) -> dict[str, str]:
         """sha256 of each encoder's state dict (names, dtypes, shapes, values): the weights' identity."""
         if self._weights_sha256 is None:
-            self._weights_sha256 = {"clip": sha256_state(self.clip), "dino": sha256_state(self.dino)}
+            self._weights_sha256 = {"clip": sha256_state(self.clip),
+                                    "dino": sha256_state(self.dino) if self.dino is not None else None}
         return self._weights_sha256
 
     def fingerprint(self) -> dict[str, Any]:
@@ -194,25 +218,29 @@ class DualBackbone(nn.Module):
         return f"preset={self.cfg.preset!r}, dims={self.dims}, sources={self.sources}"
 
 
-def build_backbones(cfg: BackboneConfig, device: str | torch.device = "cpu") -> DualBackbone:
-    """Build both frozen encoders for ``cfg`` on ``device``; raises :class:`BackboneError` with a fix."""
+def build_backbones(cfg: BackboneConfig, device: str | torch.device = "cpu", *, dino: bool = True) -> DualBackbone:
+    """Build the frozen encoders for ``cfg`` on ``device`` (``dino=False``: CLIP only); raises
+    :class:`BackboneError` with a fix."""
     # Random presets draw from a private RNG so building a backbone never shifts the caller's stream.
     quiet = cfg.preset != "real"  # open_clip logs a warning for every random model; here that is the intent
     previous = logging.root.manager.disable
+    dino_model, dino_pp, dino_src = None, None, None
     with torch.random.fork_rng(devices=[]):
         if quiet:
             logging.disable(logging.WARNING)
         try:
             torch.manual_seed(cfg.seed)
             clip_visual, clip_pp, clip_src = _build_clip(cfg)
-            torch.manual_seed(cfg.seed + 1)
-            dino, dino_pp, dino_src = _build_dino(cfg)
+            if dino:
+                torch.manual_seed(cfg.seed + 1)
+                dino_model, dino_pp, dino_src = _build_dino(cfg)
         finally:
             logging.disable(previous)
     tiny = cfg.preset == "tiny"
+    dino_name = "vidtag-tiny-dinov2" if tiny else (cfg.dino_name if cfg.preset == "real" else "dinov2-large")
     sources = {"clip": clip_src, "dino": dino_src, "clip_arch": "vidtag-tiny-vit" if tiny else cfg.clip_arch,
-               "dino_name": "vidtag-tiny-dinov2" if tiny else (cfg.dino_name if cfg.preset == "real" else "dinov2-large")}
-    bb = DualBackbone(cfg, clip_visual, dino, Preprocessor(clip_pp, dino_pp), sources)
+               "dino_name": dino_name if dino else None}
+    bb = DualBackbone(cfg, clip_visual, dino_model, Preprocessor(clip_pp, dino_pp), sources)
     return bb.to(device)
 
 
@@ -233,20 +261,23 @@ def _build_clip(cfg: BackboneConfig) -> tuple[nn.Module, dict[str, Any], str]:
         src = f"random(seed={cfg.seed})"
     else:
         pretrained = cfg.clip_pretrained
-        if os.path.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors")):
+        if _is_file_spec(pretrained):
             if not os.path.isfile(pretrained):
                 raise BackboneError(f"CLIP checkpoint {pretrained!r} (backbone.clip.pretrained) does not exist; "
                                     "point it at a local open_clip checkpoint file, or use the tag 'openai'")
+            file, tag_cfg = pretrained, {}
+        else:
+            found = clip_weights_file(cfg.clip_arch, pretrained)
+            if found.path is None:
+                raise BackboneError(f"{found.missing_message()}; for a demo without weights use backbone.preset=tiny")
+            file, tag_cfg = str(found.path), found.preprocess
         try:
-            model = open_clip.create_model(cfg.clip_arch, pretrained=pretrained, **kwargs)
-        except Exception as e:  # open_clip raises RuntimeError/OSError/ValueError depending on what is missing
-            hf_home = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
-            raise BackboneError(
-                f"cannot load CLIP {cfg.clip_arch} weights {pretrained!r} offline ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}). Either download them once on a connected machine "
-                f"(python -c \"import open_clip; open_clip.create_model('{cfg.clip_arch}', pretrained='{pretrained}')\") "
-                f"so they land in the Hugging Face cache under {hf_home}/hub (HF_HOME), or set backbone.clip.pretrained "
-                "to a local checkpoint file; for a demo without weights use backbone.preset=tiny") from None
+            # A local file, never a tag: open_clip would ask the hub first. The tag's own preprocessing is
+            # passed on, so the model is configured exactly as create_model(arch, pretrained=tag) would be.
+            model = open_clip.create_model(cfg.clip_arch, pretrained=file, force_preprocess_cfg=tag_cfg, **kwargs)
+        except Exception as e:  # a truncated file, or weights of another architecture
+            raise BackboneError(f"cannot load CLIP {cfg.clip_arch} weights from {file} ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}); delete it and fetch it again") from None
         src = pretrained
     visual = model.visual
     pp = dict(visual.preprocess_cfg)
@@ -274,17 +305,18 @@ def _build_dino(cfg: BackboneConfig) -> tuple[nn.Module, dict[str, Any], str]:
     else:
         from transformers import AutoImageProcessor
 
+        found = dino_weights_dir(cfg.dino_name)
+        if found.path is None:
+            raise BackboneError(f"{found.missing_message()}, or set backbone.dino.name to a local directory holding "
+                                f"{', '.join(DINO_FILES)}; for a demo without weights use backbone.preset=tiny")
         try:
-            model = Dinov2Model.from_pretrained(cfg.dino_name, local_files_only=True, attn_implementation="sdpa")
-            proc = AutoImageProcessor.from_pretrained(cfg.dino_name, local_files_only=True)
+            # float32 whatever the file holds: transformers 5 would otherwise keep the file's dtype ("auto").
+            model = Dinov2Model.from_pretrained(str(found.path), local_files_only=True, attn_implementation="sdpa",
+                                                **_float32_kwarg())
+            proc = AutoImageProcessor.from_pretrained(str(found.path), local_files_only=True)
         except Exception as e:
-            hf_home = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
-            raise BackboneError(
-                f"cannot load DINOv2 {cfg.dino_name!r} offline ({type(e).__name__}). Either download it once on a "
-                f"connected machine (huggingface-cli download {cfg.dino_name}) so it lands in {hf_home}/hub "
-                "(HF_HOME), or set backbone.dino.name to a local directory holding config.json, "
-                "model.safetensors and preprocessor_config.json; for a demo without weights use "
-                "backbone.preset=tiny") from None
+            raise BackboneError(f"cannot load DINOv2 {cfg.dino_name!r} from {found.path} ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}); delete it and fetch it again") from None
         # The processor's own numbers win over our defaults (they travel with the weights).
         mean, std = tuple(proc.image_mean), tuple(proc.image_std)
         crop_cfg = getattr(proc, "crop_size", None) or {}
@@ -299,3 +331,120 @@ def _build_dino(cfg: BackboneConfig) -> tuple[nn.Module, dict[str, Any], str]:
     dino_pp = {"resize_px": resize, "crop_px": crop, "resize_mode": "shortest", "interpolation": interp,
                "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
     return model, dino_pp, src
+
+
+# --- where real weights live ---------------------------------------------------------------------------
+
+CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's hub names, safest first
+DINO_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")  # what Dinov2Model + its processor read
+
+
+@dataclass(frozen=True)
+class WeightsLocation:
+    """Where one set of weights was found, or where it belongs and how to fetch it."""
+
+    what: str  # e.g. "CLIP ViT-L-14 'openai' (open_clip)"
+    path: Path | None  # the file or directory found; None = missing
+    expected: str  # the file(s) and cache folder looked in
+    fetch: str  # the command that fetches them on a connected machine; "" for a local path the user named
+    preprocess: dict[str, Any]  # open_clip tag preprocessing (CLIP only), passed on when loading the file
+
+    def missing_message(self) -> str:
+        """One line: which file is missing, where it belongs, how to get it."""
+        if not self.fetch:
+            return f"{self.what} weights not found: expected {self.expected}"
+        return (f"{self.what} weights not found: expected {self.expected}; on a connected machine run `{self.fetch}` "
+                "and copy that folder into this machine's Hugging Face cache (HF_HOME/hub)")
+
+
+def hf_hub_cache_dir() -> Path:
+    """The Hugging Face hub cache as the environment names it now: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub`` (huggingface_hub's own order; read per call, not at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "huggingface" / "hub"
+
+
+def hf_repo_folder(repo_id: str) -> Path:
+    """The cache folder of a model repo: ``models--{org}--{name}``."""
+    return hf_hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+
+
+def _hf_cached(repo_id: str, filename: str) -> Path | None:
+    """The cached file of ``repo_id`` at its ``refs/main`` snapshot, without any network call."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        hit = try_to_load_from_cache(repo_id, filename, cache_dir=hf_hub_cache_dir())
+    except ValueError:  # not a repo id (HFValidationError): nothing of it can be cached
+        return None
+    return Path(hit) if isinstance(hit, str) and os.path.isfile(hit) else None
+
+
+def _is_file_spec(pretrained: str) -> bool:
+    return os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def clip_weights_file(arch: str, pretrained: str) -> WeightsLocation:
+    """The local file open_clip would load for ``create_model(arch, pretrained=tag)``, looked up offline.
+
+    open_clip resolves a tag to a Hugging Face repo and file (``open_clip.get_pretrained_cfg``: ViT-L-14
+    ``openai`` is ``timm/vit_large_patch14_clip_224.openai``, ``open_clip_model.safetensors`` preferred over
+    ``open_clip_pytorch_model.bin``) and reads it from the hub cache; tags without a hub copy use open_clip's
+    URL cache (``~/.cache/clip/<file>``)."""
+    import open_clip
+
+    what = f"CLIP {arch} {pretrained!r} (open_clip)"
+    if _is_file_spec(pretrained):
+        path = Path(pretrained)
+        return WeightsLocation(what, path if path.is_file() else None, str(path), "", {})
+    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+    if not tag_cfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
+        raise BackboneError(f"open_clip has no pretrained tag {pretrained!r} for {arch} (known: {tags}); "
+                            "set backbone.clip.pretrained to one of them or to a local checkpoint file")
+    preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if tag_cfg.get(k) is not None}
+    hub = tag_cfg.get("hf_hub") or ""
+    if hub:
+        repo_id, filename = os.path.split(hub)  # "org/repo/" -> default file names, as open_clip splits it
+        names = (filename,) if filename else CLIP_FILES
+        if filename.endswith((".bin", ".pth")):
+            names = (filename[:-4] + ".safetensors", filename)
+        for name in names:
+            hit = _hf_cached(repo_id, name)
+            if hit is not None:
+                return WeightsLocation(what, hit, str(hit), f"hf download {repo_id} {names[0]}", preprocess)
+        return WeightsLocation(what, None, f"{names[0]} in {hf_repo_folder(repo_id)}",
+                               f"hf download {repo_id} {names[0]}", preprocess)
+    url = tag_cfg.get("url") or ""
+    path = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+    return WeightsLocation(what, path if path.is_file() else None, str(path),
+                           f"python -c \"import open_clip; open_clip.create_model('{arch}', pretrained='{pretrained}')\"",
+                           preprocess)
+
+
+def dino_weights_dir(name: str) -> WeightsLocation:
+    """The directory Dinov2Model would load ``name`` from: a local directory as given, or the hub cache's
+    ``models--{org}--{name}/snapshots/<refs/main>/`` holding :data:`DINO_FILES`; looked up offline."""
+    what = f"DINOv2 {name!r} (transformers)"
+    local = Path(name).expanduser()
+    if local.is_dir() or local.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        ok = all((local / f).is_file() for f in DINO_FILES)
+        return WeightsLocation(what, local if ok else None, f"{', '.join(DINO_FILES)} in {local}", "", {})
+    hits = [_hf_cached(name, f) for f in DINO_FILES]
+    fetch = f"hf download {name} {' '.join(DINO_FILES)}"
+    if all(h is not None for h in hits):
+        return WeightsLocation(what, hits[0].parent, str(hits[0].parent), fetch, {})
+    missing = [f for f, h in zip(DINO_FILES, hits) if h is None]
+    return WeightsLocation(what, None, f"{', '.join(missing)} in {hf_repo_folder(name)}", fetch, {})
+
+
+def _float32_kwarg() -> dict[str, Any]:
+    """``from_pretrained``'s dtype argument: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": torch.float32} if (major, minor) >= (4, 56) else {"torch_dtype": torch.float32}
