@@ -1,13 +1,15 @@
-"""Frame folders (natural order, coordinates CSV) and videos (PTS times, seeking, rotation, GPS tracks)."""
+"""Frame folders (natural order, coordinates CSV) and videos (PTS times, seeking, rotation, GPS tracks), and
+videos as real files come: MP4 / MKV / MPEG-TS / WebM (VP9), a ``-c copy`` trim with pre-roll at negative
+PTS, a remux whose stream starts at 1.4 s."""
 
 import numpy as np
 import polars as pl
 import pytest
-from media import write_h264
+from media import grey_level, remux, write_h264, write_video, write_vp9
 from PIL import Image
 
 from vidtag.data.frames import read_frames
-from vidtag.data.manifest import ManifestError
+from vidtag.data.manifest import ManifestError, validate_manifest
 from vidtag.data.video import frame_times, interpolate_track, read_video_frames, read_videos, sample_frame_times
 
 
@@ -95,3 +97,83 @@ def test_read_videos_with_csv_track(tmp_path):
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
     with pytest.raises(ManifestError, match="bad.mp4"):
         read_videos([tmp_path / "bad.mp4"])
+
+
+def frame_index_of(img) -> int:
+    """Which :func:`media.marker_frame` a decoded image is (k modulo 30)."""
+    return round(grey_level(img) / 8) % 30
+
+
+def assert_every_frame(path, n_frames, fps, first_k=0):
+    """All ``n_frames`` frames are on the timeline from 0 at 1/fps steps, and each decodes to its own picture."""
+    t, _ = frame_times(path)
+    assert t.size == n_frames and t[0] == 0.0 and (t >= 0).all()
+    np.testing.assert_allclose(t, np.arange(n_frames) / fps, atol=1e-3)
+    got = list(read_video_frames(path, t))
+    assert [ts for ts, _ in got] == list(t) and all(im is not None for _, im in got)
+    assert [frame_index_of(im) for _, im in got] == [(first_k + k) % 30 for k in range(n_frames)]
+    return t
+
+
+def write_mpeg4(path, n_frames, fps, gop):
+    return write_video(path, n_frames, fps, codec="mpeg4", gop=gop, bit_rate=4_000_000)
+
+
+@pytest.mark.parametrize("name,writer", [("v.mp4", write_h264), ("v.mkv", write_h264), ("v.mov", write_h264),
+                                         ("v.ts", write_h264), ("v.webm", write_vp9), ("v.avi", write_mpeg4)])
+def test_every_container_gives_every_frame_from_zero(tmp_path, name, writer):
+    v = writer(tmp_path / name, 20, 10, gop=7)
+    assert_every_frame(v, 20, 10)
+
+
+def test_copy_trim_never_samples_the_preroll(tmp_path):
+    # Like `ffmpeg -ss 0.5 -i in.mp4 -c copy out.mp4`: the copy starts at the keyframe at 0 s, so frames 0-4
+    # are pre-roll at negative PTS that the MP4 edit list hides; the video starts with frame 5 at 0 s.
+    src = write_h264(tmp_path / "in.mp4", 20, 10, gop=15)
+    trimmed = remux(src, tmp_path / "trim.mp4", trim_s=0.5)
+    t = assert_every_frame(trimmed, 15, 10, first_k=5)
+    assert np.allclose(sample_frame_times(t, 1.0), [0.0, 1.0])
+    df, _, _ = read_videos([trimmed], fps=2.0)
+    assert df["timestamp_s"].to_list() == pytest.approx([0.0, 0.5, 1.0])
+    validate_manifest(df)  # timestamps >= 0: a valid manifest
+
+
+@pytest.mark.parametrize("gop", [4, 100])
+def test_ts_remux_starting_late_and_seeks_without_an_index(tmp_path, gop):
+    # An MPEG-TS remux starts at 1.4 s and seeks land on any packet; gop=100 is a single keyframe at the start.
+    src = write_h264(tmp_path / "in.mp4", 30, 10, gop=gop)
+    ts = remux(src, tmp_path / "r.ts", shift_s=1.4)
+    t, start = frame_times(ts)
+    assert start == pytest.approx(1.4, abs=0.01)
+    assert_every_frame(ts, 30, 10)
+    # seek_gap_s=0: a seek for every target, each must back off to a keyframe before it
+    got = list(read_video_frames(ts, [0.0, 0.9, 2.3, 2.9], seek_gap_s=0.0))
+    assert [frame_index_of(im) for _, im in got] == [0, 9, 23, 29]
+    track = tmp_path / "t.csv"
+    track.write_text("t_s,lat,lon\n0,10.0,20.0\n2,10.2,20.0\n")
+    df, _, _ = read_videos([ts], fps=1.0, track=track)
+    assert df["timestamp_s"].to_list() == pytest.approx([0.0, 1.0, 2.0])  # from the stream start, not 1.4 s
+    assert df["lat"].to_list() == pytest.approx([10.0, 10.1, 10.2])  # track times are from the stream start too
+
+
+@pytest.mark.parametrize("name", ["trim.mkv", "trim.webm", "trim.ts"])
+def test_trimmed_copies_in_other_containers(tmp_path, name):
+    # Matroska has no edit lists: the muxer moves the pre-roll to 0, so every copied frame is shown.
+    # MPEG-TS keeps the negative offset as a later start time.
+    write = write_vp9 if name.endswith("webm") else write_h264
+    src = write(tmp_path / ("in.webm" if name.endswith("webm") else "in.mp4"), 20, 10, gop=15)
+    out = remux(src, tmp_path / name, trim_s=0.5, shift_s=1.4 if name.endswith("ts") else 0.0)
+    t, _ = frame_times(out)
+    assert t[0] == 0.0 and (t >= 0).all() and t.size in (15, 20)
+    got = list(read_video_frames(out, t))
+    assert all(im is not None for _, im in got)
+    first = 20 - t.size
+    assert [frame_index_of(im) for _, im in got] == list(range(first, 20))
+
+
+def test_sampling_is_linear_in_frames_and_refuses_bad_rates():
+    t = np.arange(100_000) / 30.0
+    assert sample_frame_times(t, 1e9).size == t.size  # faster than the video: every frame, no 1e9-long grid
+    for fps in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="fps"):
+            sample_frame_times(t, fps)

@@ -1,9 +1,13 @@
-"""Videos: frame times from packet PTS, sparse sampling, GPS track interpolation, and frame decoding.
+"""Videos: frame times on the presentation timeline, sparse sampling, GPS track interpolation, decoding.
 
-The manifest references video frames as ``video_path`` + ``timestamp_s`` (the frame's PTS in
-seconds); :func:`read_video_frames` is the one decoder the extractor and ``predict`` use: it seeks
-rather than decoding everything, matches frames by PTS, and applies the stream's display-matrix
-rotation (so rotation is handled at decode time and not stored in the manifest).
+The manifest references video frames as ``video_path`` + ``timestamp_s``: seconds on the stream's
+presentation timeline, counted from the stream's start time (so always >= 0, whatever the container's
+clock: an MPEG-TS remux starts at 1.4 s, a ``-c copy`` trim at a negative PTS). Packets the container
+marks as not presented (edit-list pre-roll, PTS before the start) are never sampled.
+:func:`read_video_frames` is the one decoder the extractor and ``predict`` use: it seeks rather than
+decoding everything, starts decoding on a keyframe (containers without an index, like MPEG-TS, seek
+to any packet), matches frames by PTS, and applies the stream's display-matrix rotation (so rotation
+is handled at decode time and not stored in the manifest).
 """
 
 from __future__ import annotations
@@ -27,36 +31,59 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 GPS_TOLERANCE_S = 1.5  # BDD logs ~1 Hz fixes: a frame within 1.5 s of the first/last fix takes that fix
 
 
+def _start_pts(container, stream) -> int:
+    """Where the stream's presentation timeline begins, in its time base: the stream's start time, else
+    the container's, else 0 (one rule for :func:`frame_times` and :func:`read_video_frames`)."""
+    if stream.start_time is not None:
+        return int(stream.start_time)
+    if container.start_time is not None:  # microseconds (AV_TIME_BASE)
+        return int(round(container.start_time / 1_000_000 / float(stream.time_base)))
+    return 0
+
+
 def frame_times(path: str | os.PathLike) -> tuple[np.ndarray, float]:
-    """PTS in seconds of every frame (sorted), and the stream's start time; demuxes, never decodes."""
+    """Presentation times of every frame shown, in seconds from the stream's start (sorted, >= 0), and the
+    start itself in the container's clock; demuxes, never decodes.
+
+    Packets flagged for discard (an MP4 edit list's pre-roll, e.g. after ``ffmpeg -ss 0.5 -c copy``) and
+    packets before the stream's start time are not presented, so they are not frames of the video.
+    """
     import av
 
     try:
         with av.open(str(path)) as c:
             s = c.streams.video[0]
             tb = float(s.time_base)
-            pts = [p.pts for p in c.demux(s) if p.pts is not None and p.size > 0]
-            start = s.start_time
+            pts = [p.pts for p in c.demux(s)
+                   if p.pts is not None and p.size > 0 and not getattr(p, "is_discard", False)]
+            start = _start_pts(c, s)
     except (av.error.FFmpegError, IndexError) as e:
         raise ManifestError(f"{path}: cannot read as a video ({e}); expected a container PyAV/FFmpeg decodes") from e
-    if not pts:
+    pts = np.sort(np.asarray([p for p in pts if p >= start], dtype=np.int64))
+    if not pts.size:
         raise ManifestError(f"{path}: the video stream has no frames")
-    t = np.sort(np.asarray(pts, dtype=np.float64)) * tb
-    return t, (float(start) * tb if start is not None else float(t[0]))
+    return (pts - start).astype(np.float64) * tb, float(start) * tb
 
 
-def sample_frame_times(times_s: np.ndarray, fps: float, start_s: float | None = None) -> np.ndarray:
-    """The frames on screen at ``start + k / fps`` (k = 0, 1, ...): the first frame at or after each time."""
-    if fps <= 0:
-        raise ConfigError(f"fps must be > 0, got {fps}")
+def sample_frame_times(times_s: np.ndarray, fps: float, start_s: float = 0.0) -> np.ndarray:
+    """The frames sampled at ``start + k / fps`` (k = 0, 1, ...): the first frame at or after each time.
+
+    Works frame by frame (O(frames), whatever ``fps``): frame i is taken when some sampling time falls
+    in (t[i-1], t[i]], i.e. when the count of sampling times up to t[i] grows.
+    """
+    if not (math.isfinite(fps) and fps > 0):
+        raise ConfigError(f"fps must be a finite number > 0, got {fps}")
+    times_s = np.asarray(times_s, dtype=np.float64)
     if times_s.size == 0:
         return times_s
-    start = times_s[0] if start_s is None else start_s
-    eps = 1e-6
-    targets = start + np.arange(0, int(math.floor((times_s[-1] - start) * fps + eps)) + 1) / fps
-    idx = np.searchsorted(times_s, targets - eps)
-    idx = idx[idx < times_s.size]
-    return times_s[np.unique(idx)]
+    e = 1e-6 * fps  # 1 us of tolerance, in sampling periods
+    grid = (times_s - start_s) * fps  # each frame's position in sampling periods
+    last = math.floor(grid[-1] + e)  # index of the last sampling time
+    if last < 0:
+        return times_s[:0]
+    count = np.clip(np.floor(grid + e) + 1, 0, last + 1)  # sampling times at or before each frame
+    taken = count > np.concatenate([[0.0], count[:-1]])
+    return times_s[taken]
 
 
 def interpolate_track(track_t: np.ndarray, track_lat: np.ndarray, track_lon: np.ndarray, query_t: np.ndarray,
@@ -124,12 +151,12 @@ def video_rows(video: Path, root: Path, sequence_id: str, fps: float, split: str
                tolerance_s: float = GPS_TOLERANCE_S) -> pl.DataFrame:
     """Candidate manifest rows for one video (with bookkeeping columns, see :mod:`vidtag.data.report`).
 
-    ``track`` times are seconds from the stream's start time.
+    ``timestamp_s`` and ``track`` times are both seconds from the stream's start time.
     """
-    times, start = frame_times(video)
-    ts = sample_frame_times(times, fps, start)
+    times, _ = frame_times(video)
+    ts = sample_frame_times(times, fps)
     if track is not None:
-        lat, lon = interpolate_track(*track, ts - start, tolerance_s=tolerance_s)
+        lat, lon = interpolate_track(*track, ts, tolerance_s=tolerance_s)
     else:
         lat = lon = np.full(ts.shape, np.nan)
     rel = video.resolve().relative_to(root.resolve()).as_posix() if video.resolve().is_relative_to(root.resolve()) else str(video.resolve())
@@ -180,50 +207,113 @@ def read_videos(paths: Sequence[str | os.PathLike], root: str | os.PathLike | No
     return good, skipped, root
 
 
+class _Decoder:
+    """One video stream that can restart decoding at a keyframe before any time of its timeline."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path, self.container = path, None
+        self._open()
+        s = self.stream
+        self.tb = float(s.time_base)
+        self.start_pts = _start_pts(self.container, s)
+        self.half_s = 0.5 / float(s.average_rate or s.guessed_rate or 30)  # half a frame: PTS match tolerance
+
+    def _open(self) -> None:
+        """(Re)open the file: a fresh demuxer is at the very start, which no seek guarantees in every format."""
+        import av
+
+        if self.container is not None:
+            self.container.close()
+        self.container = av.open(str(self.path))
+        self.stream = self.container.streams.video[0]
+        self.stream.thread_type = "AUTO"
+        self.fresh = True
+
+    def close(self) -> None:
+        self.container.close()
+
+    def frames_from(self, target_s: float) -> Iterator[tuple[float, "av.VideoFrame"]]:
+        """Frames ``(t_s, frame)`` (t_s from the stream start) decoded from a keyframe at or before ``target_s``.
+
+        Seeks to the target; when the demuxer lands past the last keyframe before it (MPEG-TS and other
+        containers without an index seek to any packet), backs off 1, 2, 4, ... s, and at worst decodes
+        from the start of the file. Frames before the stream's start (pre-roll) are never yielded.
+        """
+        import av
+
+        tb, start, half = self.tb, self.start_pts, self.half_s
+        back_s = 0.0
+        while True:
+            seek_s = target_s - back_s
+            from_start = seek_s <= 0
+            if from_start and not self.fresh:
+                self._open()
+            elif not from_start:
+                try:
+                    self.container.seek(start + int(math.floor(seek_s / tb)), stream=self.stream, backward=True)
+                except av.error.FFmpegError:  # some demuxers refuse some positions (AVI before its index)
+                    back_s = target_s
+                    continue
+            self.fresh = False
+            s = self.stream
+            started = overshot = False
+            for pkt in self.container.demux(s):
+                if not started:
+                    if pkt.pts is None and pkt.size == 0:
+                        break  # end of stream before any keyframe
+                    late = not from_start and pkt.pts is not None and (pkt.pts - start) * tb > target_s + half
+                    if late:
+                        overshot = True  # the packets up to the target are behind us: seek further back
+                        break
+                    if not pkt.is_keyframe:
+                        continue  # decoding cannot start on a non-keyframe
+                    started = True
+                for f in s.codec_context.decode(pkt):  # the empty packet at the end drains the decoder
+                    if f.pts is not None and f.pts >= start:
+                        yield (f.pts - start) * tb, f
+            if started or (from_start and not overshot):
+                return
+            back_s = max(1.0, 2 * back_s)
+
+
 def read_video_frames(path: str | os.PathLike, timestamps_s: Sequence[float], *, seek_gap_s: float = 2.0,
                       apply_rotation: bool = True) -> Iterator[tuple[float, "Image.Image | None"]]:
-    """Yield ``(timestamp_s, PIL image or None)`` for each requested PTS time, in ascending order.
+    """Yield ``(timestamp_s, PIL image or None)`` for each requested time, in ascending order.
 
-    Seeks to the keyframe before a target when it lies more than ``seek_gap_s`` past the last decoded
-    frame, else decodes forward; a frame is matched by PTS (within half a frame). The display matrix's
-    rotation (``VideoFrame.rotation``, counter-clockwise degrees) is applied, so portrait phone videos
-    come out upright. ``None`` marks a timestamp with no frame (the caller records it as bad).
+    Times are seconds from the stream's start (as :func:`frame_times` gives them). Seeks when a target
+    lies more than ``seek_gap_s`` past the last decoded frame, else decodes forward; a frame is matched
+    by PTS (within half a frame). The display matrix's rotation (``VideoFrame.rotation``,
+    counter-clockwise degrees) is applied, so portrait phone videos come out upright. ``None`` marks a
+    timestamp with no frame (the caller records it as bad).
     """
-    import av
-
     targets = sorted(float(t) for t in timestamps_s)
     if not targets:
         return
-    with av.open(str(path)) as c:
-        s = c.streams.video[0]
-        s.thread_type = "AUTO"
-        tb = float(s.time_base)
-        rate = float(s.average_rate or s.guessed_rate or 30)
-        half = 0.5 / rate
+    dec = _Decoder(path)
+    try:
         frames = None
         last_t = -math.inf
         pending = None
         for target in targets:
             if frames is None or target - last_t > seek_gap_s:
-                c.seek(max(int(target / tb) - 1, 0), stream=s, backward=True, any_frame=False)
-                frames = c.decode(s)
+                if frames is not None:
+                    frames.close()
+                frames = dec.frames_from(target)
                 pending = None
             found = None
             while True:
-                f = pending if pending is not None else next(frames, None)
+                item = pending if pending is not None else next(frames, None)
                 pending = None
-                if f is None or f.pts is None:
-                    if f is None:
-                        break
-                    continue
-                ft = f.pts * tb
+                if item is None:
+                    break
+                ft, f = item
                 last_t = ft
-                if ft < target - half:
+                if ft < target - dec.half_s:
                     continue
-                if abs(ft - target) <= half:
+                if abs(ft - target) <= dec.half_s:
                     found = f
                 else:
-                    pending = f  # past the target: keep it for the next one
+                    pending = item  # past the target: keep it for the next one
                 break
             if found is None:
                 yield target, None
@@ -233,3 +323,7 @@ def read_video_frames(path: str | os.PathLike, timestamps_s: Sequence[float], *,
             if rot:
                 img = img.rotate(rot, expand=True)  # PIL rotates counter-clockwise, like the display matrix
             yield target, img
+        if frames is not None:
+            frames.close()
+    finally:
+        dec.close()
