@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 from PIL import Image
-from media import write_h264
+from media import remux, write_h264
 from test_inference import grid, tiny_bundle
 from typer.testing import CliRunner
 
@@ -74,6 +74,35 @@ def test_predict_frame_folder_with_html_map_and_an_unreadable_frame(tmp_path, mo
     assert df["valid"].to_list() == [True, True, False, True]  # natural order: f_1, f_2, f_3, f_10
     assert df["timestamp_s"].is_null().all() and df["confidence"][2] == 0.0
     assert "<title>frames</title>" in html.read_text()
+
+
+def test_predict_a_single_image_is_one_frame(tmp_path, model_dir):
+    rng = np.random.default_rng(1)
+    for name, fmt in (("one.jpg", "JPEG"), ("one.png", "PNG"), ("one.photo", "JPEG")):  # by extension, else by content
+        img = tmp_path / name
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(img, format=fmt)
+        out = tmp_path / f"{name}.csv"
+        r = run(img, "--model", model_dir, "--out", out, "--cache-dir", tmp_path / "cache")
+        assert r.exit_code == 0, r.output
+        df = pl.read_csv(out)
+        assert df.height == 1 and df["valid"].to_list() == [True] and df["lat"].is_not_null().all()
+        assert df["timestamp_s"].is_null().all()  # a still image has no presentation time
+        assert "1 frames (0 unreadable)" in r.output
+
+
+@pytest.mark.parametrize("edit", ["trim", "ts"])
+def test_predict_trimmed_and_ts_files_give_every_frame_from_zero(tmp_path, model_dir, edit):
+    # `ffmpeg -ss 0.5 -i in.mp4 -c copy out.mp4` (pre-roll at negative PTS) and an MPEG-TS remux starting at 1.4 s
+    src = write_h264(tmp_path / "in.mp4", 30, 10, draw=gradient, gop=25)
+    video = (remux(src, tmp_path / "trim.mp4", trim_s=0.5) if edit == "trim"
+             else remux(src, tmp_path / "r.ts", shift_s=1.4))
+    out = tmp_path / "p.csv"
+    r = run(video, "--model", model_dir, "--out", out, "--fps", 2, "--cache-dir", tmp_path / "cache")
+    assert r.exit_code == 0, r.output
+    df = pl.read_csv(out)
+    n = 5 if edit == "trim" else 6  # 2.5 s of video left after the cut, 3 s in the remux
+    assert df["valid"].all() and df.height == n and "(0 unreadable)" in r.output
+    np.testing.assert_allclose(df["timestamp_s"], np.arange(n) / 2, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["truncated", "garbage", "empty_folder", "missing"])

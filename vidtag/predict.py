@@ -44,35 +44,57 @@ def backbones_for_bundle(bundle, device: torch.device):
     return bb
 
 
-def _frames_of(input_path: Path, fps: float):
-    """(timestamps_s or None, iterator of PIL | None, count) for a video file or a folder of frames."""
+def _is_single_image(path: Path) -> bool:
+    """A still image file (one frame): by extension, else by PIL recognising it as a one-frame image."""
+    from PIL import Image, UnidentifiedImageError
+
+    from vidtag.data.frames import IMAGE_EXTENSIONS
+    from vidtag.data.video import VIDEO_EXTENSIONS
+
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return True
+    if suffix in VIDEO_EXTENSIONS:
+        return False
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "n_frames", 1) == 1  # an animated GIF/PNG/WebP is a video
+    except (UnidentifiedImageError, OSError, ValueError):
+        return False
+
+
+def _read_image(path: Path):
+    """The image as RGB, or None when it cannot be decoded (then reported as an unreadable frame)."""
     from PIL import Image
 
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError):
+        return None
+
+
+def _frames_of(input_path: Path, fps: float):
+    """(timestamps_s or None, iterator of PIL | None, count, names or None) for a video file, a single image
+    (one frame, no timestamp) or a folder of frames. Video timestamps are seconds from the stream's start."""
     if input_path.is_dir():
         from vidtag.data.frames import IMAGE_EXTENSIONS, list_frames
 
         names = list_frames(input_path)
         if not names:
             raise PredictError(f"{input_path} holds no frames; expected image files ({', '.join(IMAGE_EXTENSIONS)})")
-
-        def images():
-            for name in names:
-                try:
-                    with Image.open(input_path / name) as im:
-                        yield im.convert("RGB")
-                except (OSError, ValueError):
-                    yield None
-
-        return None, images(), len(names), names
+        return None, (_read_image(input_path / name) for name in names), len(names), names
     if not input_path.exists():
-        raise PredictError(f"{input_path} does not exist; expected a video file or a folder of frames")
+        raise PredictError(f"{input_path} does not exist; expected a video file, an image or a folder of frames")
+    if _is_single_image(input_path):
+        return None, iter([_read_image(input_path)]), 1, [input_path.name]
     from vidtag.data.video import frame_times, read_video_frames, sample_frame_times
 
     try:
-        times, start = frame_times(input_path)
+        times, _ = frame_times(input_path)
     except ManifestError as e:
         raise PredictError(str(e)) from None
-    targets = sample_frame_times(times, fps, start_s=float(times[0]))
+    targets = sample_frame_times(times, fps)
 
     def decoded():
         import av
