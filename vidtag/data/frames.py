@@ -14,7 +14,8 @@ import natsort
 import polars as pl
 
 from vidtag.data.manifest import SPLITS
-from vidtag.data.report import finalize, flag, flag_bad_coords, flag_duplicates
+from vidtag.data.report import (OUTSIDE_ROOT, finalize, flag, flag_bad_coords, flag_duplicates, flag_outside_root,
+                                outside_root, read_csv_strings)
 from vidtag.data.split import split_sequences
 from vidtag.errors import ConfigError, ManifestError
 
@@ -27,22 +28,24 @@ def list_frames(folder: Path) -> list[str]:
     return natsort.natsorted(names, alg=natsort.ns.PATH)
 
 
-def _scan(root: Path) -> pl.DataFrame:
+def _scan(root: Path, allow_outside_root: bool) -> tuple[pl.DataFrame, list[str]]:
+    """Image files per sequence folder, and the sequence folders left unread because they resolve
+    outside ``root`` (a symlinked folder pointing elsewhere)."""
     seqs = natsort.natsorted([d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")])
+    outside = [] if allow_outside_root else [s for s, o in zip(seqs, outside_root(root, seqs)) if o]
     rows = {"sequence_id": [], "name": [], "_order": []}
     for s in seqs:
+        if s in outside:
+            continue
         for i, name in enumerate(list_frames(root / s)):
             rows["sequence_id"].append(s)
             rows["name"].append(name)
             rows["_order"].append(i)
-    return pl.DataFrame(rows, schema={"sequence_id": pl.String, "name": pl.String, "_order": pl.Int64})
+    return pl.DataFrame(rows, schema={"sequence_id": pl.String, "name": pl.String, "_order": pl.Int64}), outside
 
 
 def _read_coords(path: Path) -> pl.DataFrame:
-    try:
-        df = pl.read_csv(path, infer_schema_length=0)  # all strings: we parse and report per row
-    except (pl.exceptions.ComputeError, OSError) as e:
-        raise ManifestError(f"{path}: cannot read CSV ({e}); expected columns sequence_id, frame, lat, lon") from e
+    df = read_csv_strings(path, "sequence_id, frame, lat, lon")  # all strings: we parse and report per row
     missing = [c for c in ("sequence_id", "frame", "lat", "lon") if c not in df.columns]
     if missing:
         raise ManifestError(f"{path}: missing column(s) {missing}; found {df.columns}, expected sequence_id, frame, lat, lon")
@@ -57,13 +60,15 @@ def read_frames(
     seed: int = 0,
     split: str | None = None,
     skip_bad: bool = False,
+    allow_outside_root: bool = False,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Manifest rows for a folder of sequences; returns ``(manifest_df, skipped_df)``.
 
     Without a CSV, coordinates are null (frames to predict). With one, every image needs a row and
     every row an image. Splits: a CSV ``split`` column wins; else ``val_fraction > 0`` splits by
     sequence (stratified by ``city`` if given); else every sequence gets ``split`` (default:
-    ``train`` with coordinates, ``test`` without).
+    ``train`` with coordinates, ``test`` without). A sequence folder or frame that resolves outside
+    ``root`` (a symlink leaving it) is never read: a bad row, unless ``allow_outside_root``.
     """
     root = Path(root)
     if not root.is_dir():
@@ -71,8 +76,8 @@ def read_frames(
     split = split or ("train" if coords_csv is not None else "test")
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
-    files = _scan(root)
-    if files.height == 0:
+    files, outside = _scan(root, allow_outside_root)
+    if files.height == 0 and not outside:
         raise ManifestError(f"{root} has no images in sub-folders; expected ROOT/<sequence_id>/<frame>{IMAGE_EXTENSIONS}")
     files = files.with_columns(
         (pl.col("sequence_id") + "/" + pl.col("name")).alias("image_path"),
@@ -86,6 +91,12 @@ def read_frames(
         )
     else:
         df = _join_coords(files, Path(coords_csv), root)
+    if outside:  # one bad row per folder left unread
+        df = pl.concat([df, pl.DataFrame({
+            "sequence_id": outside, "image_path": outside, "_file": [str(root / s) for s in outside],
+            "_reason": [f"sequence folder {OUTSIDE_ROOT}"] * len(outside), "_order": [0] * len(outside),
+        }, schema_overrides={"_order": pl.Int64})], how="diagonal_relaxed")
+    df = flag_outside_root(df, root, "image_path", allow_outside_root)
     df = flag_duplicates(flag_bad_coords(df), "image_path", "image (sequence_id, frame)")
 
     if "split" not in df.columns:

@@ -13,12 +13,16 @@ SOURCES = ("toy", "msls", "bdd", "cityguessr", "frames", "video")
 
 
 def ingest(source: str, root: str | os.PathLike, out: str | os.PathLike, *, val_fraction: float = 0.2, seed: int = 0,
-           skip_bad: bool = False, options: dict[str, Any] | None = None) -> Manifest:
+           skip_bad: bool = False, allow_outside_root: bool = False, options: dict[str, Any] | None = None) -> Manifest:
     """Read ``root`` with the ``source`` reader and write the manifest (and its skip report) to ``out``.
 
-    ``options`` are the reader's own keyword arguments (params.yaml ``data.<source>``).
+    ``options`` are the reader's own keyword arguments (params.yaml ``data.<source>``). Image, video and
+    folder paths that resolve outside ``root`` are refused (bad rows) unless ``allow_outside_root``; the
+    manifest records the choice so that extraction honours it too.
     """
     opts = dict(options or {})
+    if source != "toy":
+        opts["allow_outside_root"] = allow_outside_root
     root = Path(root)
     if source == "toy":
         from vidtag.data.frames import read_frames
@@ -54,4 +58,4 @@ def ingest(source: str, root: str | os.PathLike, out: str | os.PathLike, *, val_
         df, skipped, root = read_videos(paths, root if root.is_dir() else None, skip_bad=skip_bad, **opts)
     else:
         raise ConfigError(f"data source must be one of {SOURCES}, got {source!r}")
-    return write_manifest(df, out, root, source=source, skipped=skipped)
+    return write_manifest(df, out, root, source=source, skipped=skipped, allow_outside_root=allow_outside_root)

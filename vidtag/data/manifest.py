@@ -8,6 +8,7 @@ clone of the repository (manifest and toy data under ``cache/``) can move.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,10 @@ import numpy as np
 import polars as pl
 
 from vidtag.errors import ManifestError  # re-exported: `from vidtag.data.manifest import ManifestError` works
-from vidtag.fingerprint import sha256_frame
+from vidtag.fingerprint import sha256_file, sha256_frame
 from vidtag.geo import check_latlon
 from vidtag.io import atomic_path, read_parquet_metadata, write_parquet_atomic
+from vidtag.lock import writer_lock
 
 # Column -> dtype, in the order a manifest is written. Only the first three and ``split`` are always
 # present; a manifest has ``image_path`` or ``video_path`` + ``timestamp_s`` (or both, per row one);
@@ -49,6 +51,8 @@ SKIPPED_COLUMNS = {"file": pl.String(), "row": pl.Int64(), "sequence_id": pl.Str
 META_ROOT = "vidtag.root"
 META_SOURCE = "vidtag.source"
 META_FINGERPRINT = "vidtag.manifest_fingerprint"
+META_OUTSIDE_ROOT = "vidtag.allow_outside_root"  # "true" when the user let paths leave the root
+META_SKIPPED_SHA256 = "vidtag.skipped_sha256"  # the skip report written with this manifest
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class Manifest:
     df: pl.DataFrame
     root: Path
     source: str = "unknown"
+    allow_outside_root: bool = False  # the reader was allowed paths outside ``root``; readers of frames honour it
 
     def __repr__(self) -> str:
         n_seq = self.df["sequence_id"].n_unique() if self.df.height else 0
@@ -155,8 +160,14 @@ def write_manifest(
     *,
     source: str = "unknown",
     skipped: pl.DataFrame | None = None,
+    allow_outside_root: bool = False,
 ) -> Manifest:
-    """Validate and write a manifest atomically; ``skipped`` rows (if given) go to ``<path>.skipped.csv``."""
+    """Validate and write a manifest and (if given) its ``skipped`` rows to ``<path>.skipped.csv``, as one unit.
+
+    Both files are written in full beside their targets before either replaces the old one (a full disk
+    or a crash while writing leaves the old pair), and the manifest records the report's sha256. A
+    second writer of the same manifest at the same time is refused (:func:`vidtag.lock.writer_lock`).
+    """
     path = Path(path)
     df = validate_manifest(df)
     meta = {
@@ -164,10 +175,19 @@ def write_manifest(
         META_SOURCE: source,
         META_FINGERPRINT: manifest_fingerprint(df),
     }
-    if skipped is not None:
-        write_skipped(skipped, skipped_report_path(path))
-    write_parquet_atomic(df, path, metadata=meta)
-    return Manifest(df, Path(root).resolve(), source)
+    if allow_outside_root:
+        meta[META_OUTSIDE_ROOT] = "true"
+    try:
+        with writer_lock(path, what="write manifest"), contextlib.ExitStack() as pending:
+            if skipped is not None:
+                tmp_report = pending.enter_context(atomic_path(skipped_report_path(path)))  # renamed on exit
+                skipped.select(list(SKIPPED_COLUMNS)).write_csv(tmp_report)
+                meta[META_SKIPPED_SHA256] = sha256_file(tmp_report)
+            write_parquet_atomic(df, path, metadata=meta)
+    except OSError as e:
+        raise ManifestError(f"cannot write manifest {path} ({e.strerror or e}); the previous manifest "
+                            "and skip report are kept") from None
+    return Manifest(df, Path(root).resolve(), source, allow_outside_root)
 
 
 def skipped_report_path(manifest_path: str | os.PathLike) -> Path:
@@ -176,28 +196,27 @@ def skipped_report_path(manifest_path: str | os.PathLike) -> Path:
     return p.with_name(p.name + ".skipped.csv")
 
 
-def write_skipped(skipped: pl.DataFrame, path: str | os.PathLike) -> None:
-    """The skip report as CSV (written even when empty, so a stale one never lingers)."""
-    with atomic_path(path) as tmp:
-        skipped.select(list(SKIPPED_COLUMNS)).write_csv(tmp)
-
-
 def read_manifest(path: str | os.PathLike) -> Manifest:
     """Read and validate a manifest; its root comes back absolute."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest {path} does not exist; create one with `vidtag ingest ... --out {path}`")
-    meta = read_parquet_metadata(path)
+    try:
+        meta = read_parquet_metadata(path)
+        raw = pl.read_parquet(path)
+    except Exception as e:  # pyarrow / polars raise many types for a file that is not parquet
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ManifestError(f"{path}: cannot read as a parquet manifest ({msg}); write it again with `vidtag ingest`") from None
     if META_ROOT not in meta:
         raise ManifestError(f"{path} has no '{META_ROOT}' metadata; it was not written by vidtag's write_manifest")
     try:
-        df = validate_manifest(pl.read_parquet(path))
+        df = validate_manifest(raw)
     except ManifestError as e:
         raise ManifestError(f"{path}: {e}") from e
     root = Path(meta[META_ROOT])
     if not root.is_absolute():
         root = path.parent / root
-    return Manifest(df, root.resolve(), meta.get(META_SOURCE, "unknown"))
+    return Manifest(df, root.resolve(), meta.get(META_SOURCE, "unknown"), meta.get(META_OUTSIDE_ROOT) == "true")
 
 
 def manifest_fingerprint(df: pl.DataFrame) -> str:

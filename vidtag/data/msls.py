@@ -15,7 +15,8 @@ from pathlib import Path
 
 import polars as pl
 
-from vidtag.data.report import finalize, flag, flag_bad_coords, flag_duplicates, flag_missing_files
+from vidtag.data.report import (conflicting_keys, finalize, flag, flag_bad_coords, flag_duplicates, flag_missing_files,
+                                flag_outside_root, read_csv_strings)
 from vidtag.data.split import official_split, split_sequences
 from vidtag.errors import ConfigError, ManifestError
 
@@ -26,7 +27,7 @@ OFFICIAL_VAL_CITIES = ("cph", "sf")  # mapillary_sls default_cities["val"]
 def _read_csv(path: Path, required: tuple[str, ...], aliases: dict[str, str] | None = None) -> pl.DataFrame:
     if not path.is_file():
         raise ManifestError(f"{path} not found; expected MSLS layout train_val/<city>/<subset>/{path.name}")
-    df = pl.read_csv(path, infer_schema_length=0)
+    df = read_csv_strings(path, ", ".join(required))
     first = df.columns[0]
     if first == "" or first.startswith("_duplicated") or first == "Unnamed: 0":
         df = df.drop(first)  # the leading unnamed index column
@@ -52,13 +53,21 @@ def _folder_rows(folder: Path, city: str, subset: str, with_gps: bool, include_p
         raw_csv = folder / "raw.csv"
         raw = _read_csv(raw_csv, ("key", "lon", "lat"))
         raw = raw.select(
-            "key",
+            "key", "_row",
             pl.col("lat").str.strip_chars().cast(pl.Float64, strict=False).fill_null(float("nan")),
             pl.col("lon").str.strip_chars().cast(pl.Float64, strict=False).fill_null(float("nan")),
             (pl.col("pano").str.to_lowercase().str.strip_chars() == "true").fill_null(False).alias("_pano")
             if "pano" in raw.columns else pl.lit(False).alias("_pano"),
-        ).unique("key", keep="first", maintain_order=True)
+        )
+        # A key listed twice with different coordinates: which one is right cannot be told, so its frames
+        # are bad (exact repeats are harmless and collapse to one).
+        clash = conflicting_keys(raw, "key", ["lat", "lon"]).select(
+            "key", pl.format(f"key has conflicting coordinates in {raw_csv.name} (rows {{}} and {{}})",
+                             "_row_a", "_row_b").alias("_clash"))
+        raw = raw.drop("_row").unique("key", keep="first", maintain_order=True)
         df = df.join(raw, on="key", how="left", maintain_order="left")
+        df = df.join(clash, on="key", how="left", maintain_order="left")
+        df = df.with_columns(pl.coalesce("_reason", "_clash").alias("_reason")).drop("_clash")
         df = flag(df, df["lat"].is_null().to_numpy() & df["lon"].is_null().to_numpy(), f"key has no row in {raw_csv.name}")
         if not include_panoramas:
             df = df.filter(~pl.col("_pano").fill_null(False))
@@ -76,11 +85,13 @@ def _folder_rows(folder: Path, city: str, subset: str, with_gps: bool, include_p
 def read_msls(root: str | os.PathLike, *, val_fraction: float = 0.2, seed: int = 0, split: str = "random",
               val_cities: tuple[str, ...] = OFFICIAL_VAL_CITIES, cities: tuple[str, ...] | None = None,
               include_panoramas: bool = False, include_test: bool = False, check_images: bool = True,
-              skip_bad: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
+              skip_bad: bool = False, allow_outside_root: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Manifest rows for MSLS; returns ``(df, skipped)``.
 
     ``split="random"``: whole sequences to val with ``val_fraction`` per city, from ``seed`` (val in
     training cities, as the paper's own split needs); ``split="official"``: ``val_cities`` are val.
+    An image key whose path leaves ``root`` (``../``, a symlink out) is a bad row unless
+    ``allow_outside_root``.
     """
     if split not in ("random", "official"):
         raise ConfigError(f"split must be one of ('random', 'official'), got {split!r}")
@@ -116,6 +127,7 @@ def read_msls(root: str | os.PathLike, *, val_fraction: float = 0.2, seed: int =
     df = flag_bad_coords(df, allow_null=True)
     df = flag_duplicates(df, "image_path", "image key")
     df = flag_duplicates(df, ["sequence_id", "_order"], "frame_number in its sequence")
+    df = flag_outside_root(df, root, "image_path", allow_outside_root)
     if check_images:
         df = flag_missing_files(df, root, "image_path")
     cols = ["sequence_id", "image_path", "lat", "lon", "split", "city", "_file", "_row", "_reason", "_order"]

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from vidtag.data.manifest import SPLITS
-from vidtag.data.report import finalize, flag_bad_coords
+from vidtag.data.manifest import SKIPPED_COLUMNS, SPLITS
+from vidtag.data.report import (OUTSIDE_ROOT, Track, finalize, first_line, flag_bad_coords,
+                                judge_track, outside_root, parse_numbers, read_csv_strings)
 from vidtag.errors import ConfigError, ManifestError
 from vidtag.geo import wrap_lon
 
@@ -108,42 +109,46 @@ def interpolate_track(track_t: np.ndarray, track_lat: np.ndarray, track_lon: np.
     return lat, lon
 
 
-def read_track(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A GPS track as (t_s, lat, lon). CSV: ``t_s`` (seconds from the video's start), ``lat``, ``lon``.
-    GPX: ``<trkpt lat lon><time>``; times become seconds after the first point."""
+def read_track(path: str | os.PathLike, *, skip_bad: bool = False) -> Track:
+    """A GPS track (iterates as ``t_s, lat, lon``). CSV: ``t_s`` (seconds from the video's start), ``lat``,
+    ``lon``. GPX: ``<trkpt lat lon><time>``; times become seconds after the first timed point.
+
+    A fix whose time or coordinates are missing, not numbers, NaN or out of range raises naming the file
+    and the fix (CSV line, trkpt index), or with ``skip_bad`` is dropped and listed in ``Track.dropped``.
+    """
     path = Path(path)
     if path.suffix.lower() == ".gpx":
         try:
             root = ET.parse(path).getroot()
         except (OSError, ET.ParseError) as e:
-            raise ManifestError(f"{path}: cannot read as GPX ({e}); expected <trk><trkseg><trkpt lat lon><time>") from e
+            raise ManifestError(f"{path}: cannot read as GPX ({first_line(e)}); expected <trk><trkseg><trkpt lat lon><time>") from None
         pts = [e for e in root.iter() if e.tag.endswith("trkpt")]
-        rows = []
-        for i, p in enumerate(pts):
+        if not pts:
+            raise ManifestError(f"{path}: no <trkpt> points found; expected <trk><trkseg><trkpt lat lon><time>")
+        times, why_t = [], []
+        for p in pts:
             tm = next((c.text for c in p if c.tag.endswith("time")), None)
-            if tm is None:
-                raise ManifestError(f"{path}: trkpt {i} has no <time>; a track needs a time per point")
             try:
-                rows.append((datetime.fromisoformat(tm.strip().replace("Z", "+00:00")).timestamp(),
-                             float(p.get("lat")), float(p.get("lon"))))
-            except (TypeError, ValueError) as e:
-                raise ManifestError(f"{path}: trkpt {i} has a bad time or lat/lon ({e}); expected ISO 8601 time and "
-                                    "decimal degrees") from None
-        if not rows:
-            raise ManifestError(f"{path}: no <trkpt> points found")
-        a = np.array(rows)
-        return a[:, 0] - a[0, 0], a[:, 1], a[:, 2]
-    try:
-        df = pl.read_csv(path)
-    except (OSError, pl.exceptions.PolarsError) as e:
-        raise ManifestError(f"{path}: cannot read as CSV ({e}); a track CSV needs t_s, lat, lon") from e
+                times.append(datetime.fromisoformat(tm.strip().replace("Z", "+00:00")).timestamp())
+                why_t.append(None)
+            except (AttributeError, TypeError, ValueError):
+                times.append(math.nan)
+                why_t.append("<time> is missing" if not tm else f"<time> {tm.strip()!r} is not an ISO 8601 time")
+        lat, why_lat = parse_numbers([p.get("lat") for p in pts], "lat")
+        lon, why_lon = parse_numbers([p.get("lon") for p in pts], "lon")
+        t = np.array(times)
+        t0 = t[np.isfinite(t)][0] if np.isfinite(t).any() else 0.0
+        return judge_track(t - t0, lat, lon, source=str(path), rows=range(len(pts)), label="trkpt {}",
+                           skip_bad=skip_bad, not_numbers=[a or b or c for a, b, c in zip(why_t, why_lat, why_lon)])
+    df = read_csv_strings(path, "t_s (seconds from the video start), lat, lon")
     missing = [c for c in ("t_s", "lat", "lon") if c not in df.columns]
     if missing:
         raise ManifestError(f"{path}: missing column(s) {missing}; a track CSV needs t_s (seconds from the video start), lat, lon")
-    try:
-        return tuple(df[c].cast(pl.Float64).to_numpy() for c in ("t_s", "lat", "lon"))
-    except pl.exceptions.PolarsError as e:
-        raise ManifestError(f"{path}: t_s, lat and lon must be numbers ({e})") from None
+    if df.height == 0:
+        raise ManifestError(f"{path}: the track has no rows; a track CSV needs t_s, lat, lon per fix")
+    (t, why_t), (lat, why_lat), (lon, why_lon) = (parse_numbers(df[c].to_list(), c) for c in ("t_s", "lat", "lon"))
+    return judge_track(t, lat, lon, source=str(path), rows=range(2, df.height + 2), skip_bad=skip_bad,
+                       not_numbers=[a or b or c for a, b, c in zip(why_t, why_lat, why_lon)])
 
 
 def video_rows(video: Path, root: Path, sequence_id: str, fps: float, split: str,
@@ -176,11 +181,13 @@ def video_rows(video: Path, root: Path, sequence_id: str, fps: float, split: str
 
 def read_videos(paths: Sequence[str | os.PathLike], root: str | os.PathLike | None = None, *, fps: float = 1.0,
                 track: str | os.PathLike | None = None, split: str = "test",
-                skip_bad: bool = False) -> tuple[pl.DataFrame, pl.DataFrame, Path]:
+                skip_bad: bool = False, allow_outside_root: bool = False) -> tuple[pl.DataFrame, pl.DataFrame, Path]:
     """Manifest rows for video files (one sequence each, id = file stem); returns ``(df, skipped, root)``.
 
     ``paths`` may include folders (their video files are taken). An optional GPS track (CSV/GPX, one
-    video only) is interpolated at the frames' times; frames outside it get null coordinates.
+    video only) is interpolated at the frames' times; frames outside it get null coordinates. A video
+    resolving outside ``root`` (a symlink in a listed folder pointing elsewhere) is not opened: a bad
+    row, unless ``allow_outside_root``. Bad track fixes raise, or with ``skip_bad`` are dropped and listed.
     """
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
@@ -197,13 +204,21 @@ def read_videos(paths: Sequence[str | os.PathLike], root: str | os.PathLike | No
     if track is not None and len(files) != 1:
         raise ManifestError(f"a GPS track ({track}) belongs to one video, but {len(files)} videos were given")
     root = Path(root) if root is not None else Path(os.path.commonpath([f.resolve().parent for f in files]))
-    trk = read_track(track) if track is not None else None
+    trk = read_track(track, skip_bad=skip_bad) if track is not None else None
     stems = [f.stem for f in files]
     ids = stems if len(set(stems)) == len(stems) else [f.as_posix() for f in files]
-    frames = [video_rows(f, root, sid, fps, split, trk) for f, sid in zip(files, ids)]
-    df = pl.concat(frames, how="vertical_relaxed")
+    outside = np.zeros(len(files), bool) if allow_outside_root else outside_root(root, [str(f) for f in files])
+    frames = [video_rows(f, root, sid, fps, split, trk) for f, sid, o in zip(files, ids, outside) if not o]
+    frames += [pl.DataFrame({"sequence_id": [sid], "video_path": [str(f)], "timestamp_s": [0.0], "split": [split],
+                             "_file": [str(f)], "_reason": [f"video {OUTSIDE_ROOT}"], "_order": [0]})
+               for f, sid, o in zip(files, ids, outside) if o]  # never opened: one bad row each
+    df = pl.concat(frames, how="diagonal_relaxed")
     df = flag_bad_coords(df, allow_null=True)
     good, skipped = finalize(df, skip_bad)
+    if trk is not None and trk.dropped:
+        fixes = pl.DataFrame([(str(track), row, ids[0], why) for row, why in trk.dropped], schema=SKIPPED_COLUMNS,
+                             orient="row")
+        skipped = pl.concat([skipped, fixes], how="vertical_relaxed")
     return good, skipped, root
 
 
