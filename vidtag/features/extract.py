@@ -9,6 +9,7 @@ batch boundaries are fixed inside a unit, the final store is byte-identical to a
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,9 @@ import torch
 from vidtag.device import resolve_device
 from vidtag.errors import ConfigError, ManifestError
 from vidtag.features.backbones import BackboneConfig, DualBackbone, build_backbones
-from vidtag.features.dataset import FrameBatches, FrameSource
+from vidtag.features.dataset import MAX_PIXELS, FrameBatches, FrameSource
 from vidtag.features.store import StoreLayout, open_store, store_key
+from vidtag.lock import writer_lock
 
 
 @dataclass(frozen=True)
@@ -34,11 +36,14 @@ class ExtractConfig:
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU, which stays fp32 and deterministic)
     compile: bool = False  # torch.compile the encoders on CUDA (worth it for long runs only)
     prefetch_batches: int = 4  # batches each worker decodes ahead, overlapping decode with compute
+    max_pixels: int = MAX_PIXELS  # larger frames are refused per frame (masked bad), never decoded
     layout: StoreLayout = field(default_factory=StoreLayout)
 
     def __post_init__(self):
         if self.batch_size < 1 or self.num_workers < 0:
             raise ConfigError(f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}")
+        if not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise ConfigError(f"max_pixels must be a whole number >= 1, got {self.max_pixels!r}")
 
 
 @dataclass
@@ -54,6 +59,8 @@ class ExtractResult:
     n_bad: int | None = None
     bad_rows: list[dict[str, Any]] | None = None
     units_left: int = 0
+    units_redone: int = 0  # finished units found damaged (checksum, size, missing shard) and extracted again
+    units_verified: int = 0  # finished units whose shards were checked against their checksums
 
     @property
     def frames_per_s(self) -> float:
@@ -62,16 +69,19 @@ class ExtractResult:
     def summary(self) -> str:
         """One line for the user."""
         if self.status == "up-to-date":
-            return f"{self.path}: already complete for this manifest and these backbones; nothing to do"
+            checked = f"; {self.units_verified} unit(s) match their checksums" if self.units_verified else ""
+            return f"{self.path}: already complete for this manifest and these backbones{checked}; nothing to do"
         s = (f"{self.path}: wrote {self.frames_written} frames in {self.units_written} unit(s), "
              f"{self.seconds:.1f} s ({self.frames_per_s:.0f} frames/s)")
+        if self.units_redone:
+            s += f", {self.units_redone} of them damaged and extracted again"
         if self.status == "partial":
             return s + f"; {self.units_left} unit(s) left for other shards"
         return s + f"; store complete, {self.n_rows} rows, {self.n_bad} bad frame(s) masked"
 
 
 # params.yaml `backbone:` keys that are run settings rather than backbone identity.
-RUN_KEYS = ("batch_size", "num_workers", "device", "bf16", "compile", "prefetch_batches")
+RUN_KEYS = ("batch_size", "num_workers", "device", "bf16", "compile", "prefetch_batches", "max_pixels")
 LAYOUT_KEYS = ("shard_rows", "chunk_rows")
 
 
@@ -120,13 +130,17 @@ def extract_features(
     overwrite: bool = False,
     progress: bool = True,
     max_units: int | None = None,
+    verify: bool = False,
 ) -> ExtractResult:
     """Fill the store at ``out`` with features for ``manifest`` (a ``vidtag.data.manifest.Manifest``).
 
-    ``max_units`` stops after that many units (tests and benchmarks); the store stays resumable.
+    The store is not trusted: a resumed run checks every finished unit of its shard against the recorded
+    sha256 of its shard files, a complete store their sizes (``verify=True``: their sha256 too), and a
+    damaged unit is extracted again, with a line saying so. One writer per shard at a time
+    (:func:`vidtag.lock.writer_lock`): a second one is refused naming the first. ``max_units`` stops after
+    that many units (tests and benchmarks); the store stays resumable.
     """
     from vidtag.data.manifest import manifest_fingerprint
-    from vidtag.progress import Progress
 
     t0 = time.perf_counter()
     df = manifest.df
@@ -145,13 +159,60 @@ def extract_features(
         bb.compile_encoders()
 
     key = store_key(bb.fingerprint(), manifest_fingerprint(df), n, cfg.layout)
-    store, state = open_store(out, key, overwrite=overwrite, info={"software": _software()})
-    if state == "complete":
-        return ExtractResult(store.path, "up-to-date", n, 0, 0, time.perf_counter() - t0,
-                             store.attrs.get("n_bad"), store.attrs.get("bad_rows"))
+    # Shards i/n and j/n (i != j) write disjoint units; any other pair (a --force rebuild, another n) conflicts.
+    with writer_lock(out, slot=f"shard-{shard_i}-of-{shard_n}", what=f"vidtag extract, shard {shard_i}/{shard_n}",
+                     compatible=_shards_compatible):
+        return _extract(manifest, out, bb, cfg, key, device, t0, shard=shard, overwrite=overwrite, progress=progress,
+                        max_units=max_units, verify=verify)
+
+
+def _shards_compatible(a: str, b: str) -> bool:
+    """Two ``shard-<i>-of-<n>`` lock slots may write at once when they split the store the same way."""
+    try:
+        (ia, na), (ib, nb) = ((int(x) for x in s.removeprefix("shard-").split("-of-")) for s in (a, b))
+    except ValueError:
+        return False
+    return na == nb and ia != ib
+
+
+def _check_finished_units(store, units: list[int], *, full: bool) -> int:
+    """Mark the finished units among ``units`` whose shards fail their checksums not done; returns how many."""
+    done = store.done_mask()
+    redone = 0
+    for u in units:
+        if not done[u]:
+            continue
+        why = store.unit_problem(u, full=full)
+        if why:
+            a, b = store.unit_rows(u)
+            print(f"{store.path}: unit {u} (rows {a}:{b}) {why}; extracting it again", file=sys.stderr, flush=True)
+            store.redo_unit(u)
+            redone += 1
+    return redone
+
+
+def _extract(manifest, out, bb: DualBackbone, cfg: ExtractConfig, key: dict[str, Any], device, t0: float, *,
+             shard: tuple[int, int], overwrite: bool, progress: bool, max_units: int | None,
+             verify: bool) -> ExtractResult:
+    """The body of :func:`extract_features`, run while holding the store's lock."""
+    from vidtag.progress import Progress
+
+    df = manifest.df
+    n = df.height
+    shard_i, shard_n = shard
+    store, state = open_store(out, key, overwrite=overwrite, info={"software": _software(), "max_pixels": cfg.max_pixels})
+    own = [u for u in range(store.n_units) if u % shard_n == shard_i]
+    redone = verified = 0
+    if state != "created":
+        full = verify or state == "resumed"  # a complete store: sizes always, sha256 when asked to verify
+        verified = int(store.done_mask()[own].sum()) if full else 0
+        redone = _check_finished_units(store, own, full=full)
+        if state == "complete" and redone == 0:
+            return ExtractResult(store.path, "up-to-date", n, 0, 0, time.perf_counter() - t0,
+                                 store.attrs.get("n_bad"), store.attrs.get("bad_rows"), units_verified=verified)
 
     done = store.done_mask()
-    units = [u for u in range(store.n_units) if u % shard_n == shard_i and not done[u]]
+    units = [u for u in own if not done[u]]
     if max_units is not None:
         units = units[:max_units]
     batches: list[tuple[int, int]] = []
@@ -160,9 +221,9 @@ def extract_features(
         a, b = store.unit_rows(u)
         batches += [(s, min(s + cfg.batch_size, b)) for s in range(a, b, cfg.batch_size)]
 
-    source = FrameSource.from_manifest(df, manifest.root)
+    source = FrameSource.from_manifest(df, manifest.root, getattr(manifest, "allow_outside_root", False))
     loader = torch.utils.data.DataLoader(
-        FrameBatches(source, batches, bb.preprocessor), batch_size=None, shuffle=False,
+        FrameBatches(source, batches, bb.preprocessor, cfg.max_pixels), batch_size=None, shuffle=False,
         num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
         prefetch_factor=cfg.prefetch_batches if cfg.num_workers else None,
     )
@@ -205,5 +266,7 @@ def extract_features(
     summary = store.finalize()
     if summary is None:
         left = int((~store.done_mask()).sum())
-        return ExtractResult(store.path, "partial", n, len(units), written, seconds, units_left=left)
-    return ExtractResult(store.path, "complete", n, len(units), written, seconds, summary["n_bad"], summary["bad_rows"])
+        return ExtractResult(store.path, "partial", n, len(units), written, seconds, units_left=left,
+                             units_redone=redone, units_verified=verified)
+    return ExtractResult(store.path, "complete", n, len(units), written, seconds, summary["n_bad"], summary["bad_rows"],
+                         units_redone=redone, units_verified=verified)

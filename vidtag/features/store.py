@@ -13,6 +13,10 @@ Layout, and why:
   run redoes exactly the units without a ``done`` mark, so the result is byte-identical to a clean run.
 - Bad frames of a unit go to ``_bad/unit_<u>.json`` (written before ``done``); :meth:`FeatureStore.finalize`
   gathers them into the attributes ``n_bad`` / ``bad_rows`` once every unit is done.
+- A cache is verified, not trusted: ``_sums/unit_<u>.json`` records the size and sha256 of each of the
+  unit's shard files (written with the shards, before ``done``). A resumed extraction checks every finished
+  unit against it and extracts a changed, truncated or deleted one again; :func:`verify_store` checks a
+  whole store, and loading checks the sizes (cheap) so a truncated or deleted shard is never read.
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ from typing import Any
 import numpy as np
 
 from vidtag.errors import ConfigError, FeatureStoreError  # FeatureStoreError re-exported: `from vidtag.features.store import ...` works
+from vidtag.fingerprint import sha256_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-unit shard checksums in _sums/
 BAD_DIR = "_bad"
+SUMS_DIR = "_sums"
+ARRAYS = ("clip", "dino", "valid")  # the arrays a unit writes a shard of
 # Attributes that must match for a store to be reused (the rest are informational).
 KEY_ATTRS = ("format_version", "backbones", "preprocessing", "manifest_fingerprint", "n_rows", "dims", "shard_rows",
              "chunk_rows")
@@ -115,8 +122,12 @@ class FeatureStore:
             raise FeatureStoreError(f"{self.path} lacks array(s) {missing}; it is not a complete vidtag feature "
                                     "store; delete it or extract again with --force")
         self.attrs = dict(self.group.attrs)
-        self.n_rows = int(self.attrs["n_rows"])
-        self.shard_rows = int(self.attrs["shard_rows"])
+        try:
+            self.n_rows = int(self.attrs["n_rows"])
+            self.shard_rows = int(self.attrs["shard_rows"])
+        except (KeyError, TypeError, ValueError):
+            raise FeatureStoreError(f"{self.path}: attributes n_rows / shard_rows are missing or not numbers; it is "
+                                    "not a vidtag feature store; delete it or extract again with --force") from None
         self.n_units = int(self.group["done"].shape[0])
 
     @classmethod
@@ -142,6 +153,7 @@ class FeatureStore:
             g.attrs.update({**key, **(info or {}), "n_units": n_units, "complete": False, "n_bad": None,
                             "bad_rows": None})
             (tmp / BAD_DIR).mkdir()
+            (tmp / SUMS_DIR).mkdir()
             try:
                 os.rename(tmp, path)  # fails if another process got there first (non-empty target)
             except OSError:
@@ -184,6 +196,65 @@ class FeatureStore:
                 for p in (d / str(u)).glob("*.partial") if (d / str(u)).is_dir() else ():
                     p.unlink(missing_ok=True)
         (self.path / BAD_DIR / f".unit_{u:06d}.json.tmp").unlink(missing_ok=True)
+        (self.path / SUMS_DIR / f".unit_{u:06d}.json.tmp").unlink(missing_ok=True)
+
+    # -- checksums ------------------------------------------------------------------------------
+
+    def shard_file(self, name: str, u: int) -> Path:
+        """The shard file of array ``name`` for unit ``u`` (Zarr v3 default chunk keys, '/' separated)."""
+        return self.path / name / "c" / str(u) / "0" if name != "valid" else self.path / name / "c" / str(u)
+
+    def _sums_path(self, u: int) -> Path:
+        return self.path / SUMS_DIR / f"unit_{u:06d}.json"
+
+    def unit_sums(self, u: int) -> dict[str, dict[str, Any] | None]:
+        """Size and sha256 of each shard file of unit ``u``; None where zarr wrote no file (all fill value)."""
+        out: dict[str, dict[str, Any] | None] = {}
+        for name in ARRAYS:
+            f = self.shard_file(name, u)
+            out[name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)} if f.is_file() else None
+        return out
+
+    def unit_problem(self, u: int, *, full: bool = True) -> str | None:
+        """Why finished unit ``u`` cannot be trusted, or None. ``full=False`` compares sizes only (no reading)."""
+        try:
+            recorded = json.loads(self._sums_path(u).read_text())
+        except (OSError, ValueError):
+            return f"has no readable checksum record ({SUMS_DIR}/{self._sums_path(u).name})"
+        if not isinstance(recorded, dict):
+            return f"has a damaged checksum record ({SUMS_DIR}/{self._sums_path(u).name})"
+        for name in ARRAYS:
+            f, want = self.shard_file(name, u), recorded.get(name)
+            rel = f.relative_to(self.path).as_posix()
+            if want is None:
+                if f.exists():
+                    return f"shard {rel} exists but none was written"
+                continue
+            if not f.is_file():
+                return f"shard {rel} is missing (deleted)"
+            size = f.stat().st_size
+            if size != want.get("bytes"):
+                return f"shard {rel} has {size} bytes, {want.get('bytes')} were written (truncated or changed)"
+            if full and sha256_file(f) != want.get("sha256"):
+                return f"shard {rel} does not match its sha256 (changed since it was written)"
+        return None
+
+    def redo_unit(self, u: int) -> None:
+        """Mark unit ``u`` not done (and the store incomplete), so the next run extracts it again."""
+        self.group["done"][u] = False
+        if self.attrs.get("complete"):
+            self.group.attrs.update({"complete": False, "n_bad": None, "bad_rows": None})
+            self.attrs = dict(self.group.attrs)
+
+    def problems(self, units=None, *, full: bool = True) -> dict[int, str]:
+        """Unit -> why it cannot be trusted, over ``units`` (default all); not-done units are not extracted."""
+        done = self.done_mask()
+        out = {}
+        for u in range(self.n_units) if units is None else units:
+            why = self.unit_problem(u, full=full) if done[u] else "is not extracted"
+            if why:
+                out[u] = why
+        return out
 
     def write_unit(self, u: int, clip: np.ndarray, dino: np.ndarray, valid: np.ndarray,
                    bad: list[tuple[int, str]]) -> None:
@@ -201,6 +272,11 @@ class FeatureStore:
             os.replace(tmp, bad_path)
         else:
             bad_path.unlink(missing_ok=True)
+        sums = self._sums_path(u)
+        sums.parent.mkdir(exist_ok=True)
+        tmp = sums.with_name(f".{sums.name}.tmp")
+        tmp.write_text(json.dumps(self.unit_sums(u), indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, sums)
         self.group["done"][u] = True
 
     def finalize(self) -> dict[str, Any] | None:
@@ -333,6 +409,9 @@ def load_features(path: str | os.PathLike, expect_fingerprint: str | None = None
     if not path.exists():
         raise FeatureStoreError(f"feature store {path} does not exist; run `vidtag extract` (or `dvc repro extract`)")
     store = FeatureStore(path)
+    if store.attrs.get("format_version") != FORMAT_VERSION:
+        raise FeatureStoreError(f"feature store {path} has format {store.attrs.get('format_version')}, this vidtag "
+                                f"reads format {FORMAT_VERSION}; extract again with --force")
     if not store.complete:
         left = int((~store.done_mask()).sum())
         raise FeatureStoreError(f"feature store {path} is incomplete ({left} of {store.n_units} units not extracted); "
@@ -341,8 +420,26 @@ def load_features(path: str | os.PathLike, expect_fingerprint: str | None = None
         raise FeatureStoreError(f"feature store {path} was extracted from another manifest (fingerprint "
                                 f"{str(store.attrs.get('manifest_fingerprint'))[:12]}..., expected "
                                 f"{expect_fingerprint[:12]}...); extract again with --force")
+    damaged = store.problems(full=False)  # sizes only: a truncated or deleted shard is never read
+    if damaged:
+        u, why = next(iter(damaged.items()))
+        more = f" ({len(damaged) - 1} more damaged unit(s))" if len(damaged) > 1 else ""
+        raise FeatureStoreError(f"feature store {path}: unit {u} (rows {store.unit_rows(u)[0]}:{store.unit_rows(u)[1]}) "
+                                f"{why}{more}; run the extraction again (vidtag extract) to recompute it")
     g = store.group
     valid = np.asarray(g["valid"][:], dtype=bool)
     if lazy:
         return Features(g["clip"], g["dino"], valid, dict(store.attrs))
     return Features(np.asarray(g["clip"][:]), np.asarray(g["dino"][:]), valid, dict(store.attrs))
+
+
+def verify_store(path: str | os.PathLike, *, full: bool = True) -> dict[int, str]:
+    """Check every unit of the store at ``path`` against its recorded checksums (``full=False``: sizes only).
+
+    Returns unit -> problem (empty when the whole store is intact); changes nothing. ``vidtag extract
+    --verify`` (``extract_features(..., verify=True)``) also extracts the damaged units again.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FeatureStoreError(f"feature store {path} does not exist; run `vidtag extract` (or `dvc repro extract`)")
+    return FeatureStore(path).problems(full=full)
