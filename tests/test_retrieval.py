@@ -125,19 +125,34 @@ def test_gallery_embeddings_are_cached_per_model_and_gallery(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-6)
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 2 and files[0].startswith("gallery_emb-") and files[0].endswith(".json")
-    # Second call reads the file: change it on disk and see the change come back.
+    # A file changed on disk is not trusted: embedded again (and rewritten), never returned.
     npy = tmp_path / files[1]
     np.save(npy, emb * 0 + 0.5)
-    np.testing.assert_array_equal(gallery_embeddings(enc, latlon, tmp_path), 0.5)
+    np.testing.assert_allclose(gallery_embeddings(enc, latlon, tmp_path), emb, rtol=1e-6)
+    assert np.array_equal(np.load(npy), emb)
     # Another model (or another gallery) gets its own file under the default key ...
     emb2 = gallery_embeddings(TinyLocationEncoder(1), latlon, tmp_path)
-    assert not np.allclose(emb2, 0.5) and len(list(tmp_path.iterdir())) == 4
+    assert not np.allclose(emb2, emb) and len(list(tmp_path.iterdir())) == 4
     # ... and a forced key that names someone else's file is refused.
     key = files[1][len("gallery_emb-") : -len(".npy")]
     with pytest.raises(GalleryCacheError, match="different model_fingerprint"):
         gallery_embeddings(TinyLocationEncoder(1), latlon, tmp_path, key=key)
     with pytest.raises(GalleryCacheError, match="gallery_fingerprint"):
         gallery_embeddings(enc, latlon[:2] + 1, tmp_path, key=key)
+
+
+def test_a_trusted_cache_is_read_not_recomputed(tmp_path, monkeypatch):
+    """The second call embeds only the few spot-check rows, and returns the file's bytes."""
+    import vidtag.retrieval as retrieval
+
+    latlon = np.stack([np.linspace(-60, 60, 200), np.linspace(-170, 170, 200)], axis=1)
+    enc = TinyLocationEncoder(0)
+    first = gallery_embeddings(enc, latlon, tmp_path)
+    embedded = []
+    real = retrieval.embed_locations
+    monkeypatch.setattr(retrieval, "embed_locations", lambda e, ll, bs=8192: embedded.append(len(ll)) or real(e, ll, bs))
+    again = gallery_embeddings(enc, latlon, tmp_path)
+    assert np.array_equal(again, first) and embedded == [8]
 
 
 def test_gallery_embeddings_without_cache_match_a_direct_forward():

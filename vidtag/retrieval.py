@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 
 from vidtag.errors import GalleryCacheError, RetrievalError  # re-exported from here as well
-from vidtag.fingerprint import sha256_arrays, sha256_state
+from vidtag.fingerprint import sha256_arrays, sha256_file, sha256_state
+from vidtag.geo import check_latlon
 from vidtag.io import atomic_path, write_json_atomic
 
 Backend = Literal["auto", "faiss", "torch"]
@@ -331,6 +333,54 @@ def embed_locations(location_encoder: torch.nn.Module, latlon_deg, batch_size: i
     return np.concatenate(chunks) if chunks else np.zeros((0, 512), np.float32)
 
 
+def _spot_rows(n: int, k: int = 8) -> np.ndarray:
+    """Up to ``k`` row indices spread evenly over ``n`` rows (first and last included)."""
+    return np.unique(np.linspace(0, max(n - 1, 0), min(k, n)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+
+
+def _cached_embeddings(npy: Path, meta_path: Path, expect: dict, key: str, location_encoder, latlon_deg,
+                       batch_size: int) -> tuple[np.ndarray | None, str | None]:
+    """The cached embeddings if they can be trusted, else ``(None, why not)``.
+
+    Trusted means: the record names this (model, gallery), the file's sha256 equals the recorded one (a
+    truncated, replaced or half-written file fails), every row is a unit vector, and a few rows embedded
+    afresh agree with the file (a file replaced together with its record fails too).
+    """
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None, "its record is missing or not JSON"
+    if not isinstance(meta, dict):
+        return None, "its record is not a JSON object"
+    found = {k: meta.get(k) for k in expect}
+    if found != expect:
+        diff = [k for k in expect if found[k] != expect[k]]
+        raise GalleryCacheError(
+            f"{npy} was embedded for a different {' and '.join(diff)} than requested under key {key!r}; "
+            "use a key naming both fingerprints (key=None does) or delete the file to re-embed"
+        )
+    try:
+        digest = sha256_file(npy)
+    except OSError:
+        return None, "the embeddings file is missing"
+    if digest != meta.get("sha256"):
+        return None, "the file does not match its recorded sha256 (truncated, changed or half-written)"
+    try:
+        emb = np.load(npy, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        return None, f"the file cannot be read as .npy ({e})"
+    if emb.ndim != 2 or emb.shape[0] != expect["n"] or emb.dtype != np.float32:
+        return None, f"it holds {emb.shape} {emb.dtype}, expected ({expect['n']}, D) float32"
+    norms = np.linalg.norm(emb, axis=1)
+    if not (np.isfinite(norms).all() and np.abs(norms - 1.0).max(initial=0.0) < 1e-3):
+        return None, "some rows are not unit vectors (NaN, zeros or other values than the encoder gives)"
+    rows = _spot_rows(len(emb))
+    fresh = embed_locations(location_encoder, np.asarray(latlon_deg)[rows], batch_size)  # (k, D)
+    if fresh.shape[1] != emb.shape[1] or (np.sum(fresh * emb[rows], axis=1) < 0.999).any():
+        return None, "rows embedded afresh differ from the file"
+    return emb, None
+
+
 def gallery_embeddings(
     location_encoder: torch.nn.Module,
     latlon_deg,
@@ -341,37 +391,37 @@ def gallery_embeddings(
     """Gallery GPS embeddings (G, 512), unit-normalised float32, cached per (model, gallery).
 
     The file ``<cache_dir>/gallery_emb-<key>.npy`` sits beside a ``.json`` recording the full
-    fingerprints of the encoder weights and the gallery points; a file whose recorded fingerprints
-    differ from the ones given now is refused, never silently reused. ``key`` defaults to
-    ``<model fp[:16]>-<gallery fp[:16]>``; ``cache_dir=None`` embeds without caching.
+    fingerprints of the encoder weights and the gallery points and the file's sha256. A file recorded for
+    other fingerprints under the same key is refused (GalleryCacheError); one that fails its checksum or
+    a spot check against fresh embeddings is never used: the gallery is embedded again, with a line
+    saying so, and the cache rewritten. ``key`` defaults to ``<model fp[:16]>-<gallery fp[:16]>``;
+    ``cache_dir=None`` embeds without caching; a cache that cannot be written is skipped with a line.
     """
+    latlon = np.asarray(latlon_deg, dtype=np.float64)
     model_fp = module_fingerprint(location_encoder)
-    gallery_fp = latlon_fingerprint(latlon_deg)
+    gallery_fp = latlon_fingerprint(latlon)
+    check_latlon(latlon[:, 0], latlon[:, 1], source="gallery coordinates", unknown_ok=False, error=RetrievalError)
     if cache_dir is None:
-        return embed_locations(location_encoder, latlon_deg, batch_size)
+        return embed_locations(location_encoder, latlon, batch_size)
     key = key or f"{model_fp[:16]}-{gallery_fp[:16]}"
     cache_dir = Path(cache_dir)
     npy = cache_dir / f"gallery_emb-{key}.npy"
     meta_path = npy.with_suffix(".json")
-    expect = {"model_fingerprint": model_fp, "gallery_fingerprint": gallery_fp, "n": int(len(latlon_deg))}
-    if npy.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        found = {k: meta.get(k) for k in expect}
-        if found != expect:
-            diff = [k for k in expect if found[k] != expect[k]]
-            raise GalleryCacheError(
-                f"{npy} was embedded for a different {' and '.join(diff)} than requested under key {key!r}; "
-                "use a key naming both fingerprints (key=None does) or delete the file to re-embed"
-            )
-        emb = np.load(npy, allow_pickle=False)
-        if emb.shape[0] != expect["n"] or emb.dtype != np.float32:
-            raise GalleryCacheError(
-                f"{npy} holds {emb.shape} {emb.dtype}, expected ({expect['n']}, D) float32; delete it to re-embed"
-            )
-        return emb
-    emb = embed_locations(location_encoder, latlon_deg, batch_size)
-    with atomic_path(npy) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, emb, allow_pickle=False)
-    write_json_atomic(meta_path, {**expect, "key": key, "dim": int(emb.shape[1])})
+    expect = {"model_fingerprint": model_fp, "gallery_fingerprint": gallery_fp, "n": int(len(latlon))}
+    if npy.exists() or meta_path.exists():
+        emb, why = _cached_embeddings(npy, meta_path, expect, key, location_encoder, latlon, batch_size)
+        if emb is not None:
+            return emb
+        print(f"gallery-embedding cache {npy}: {why}; not used, embedding the gallery again", file=sys.stderr, flush=True)
+    emb = embed_locations(location_encoder, latlon, batch_size)
+    try:
+        with atomic_path(npy) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, emb, allow_pickle=False)
+            digest = sha256_file(tmp)
+        # The record is written last: until it names this file's sha256, the file is not trusted.
+        write_json_atomic(meta_path, {**expect, "key": key, "dim": int(emb.shape[1]), "sha256": digest})
+    except OSError as e:
+        print(f"gallery-embedding cache {npy}: cannot be written ({e.strerror or e}); going on without it",
+              file=sys.stderr, flush=True)
     return emb
