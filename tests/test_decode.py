@@ -9,12 +9,14 @@ from hypothesis import strategies as st
 
 from vidtag import geo
 from vidtag.decode import (
+    DecodeConfig,
     DecodeError,
     _half_angle_trig,
     _pairwise_km,
     decode_candidates,
     emissions_from_scores,
     step_scale_km,
+    transition_scales_km,
     viterbi,
 )
 from vidtag.errors import VidtagError
@@ -273,3 +275,34 @@ def test_bad_inputs_raise_decode_errors():
         step_scale_km(straight_track(3, 1.0), lengths=[1, 1, 1])
     with pytest.raises(ValueError, match="exactly one"):
         step_scale_km(straight_track(3, 1.0))
+
+
+# --------------------------------------------------------------------------------------------
+# Per-step scales: timed and untimed frames in one batch
+
+
+def test_per_step_scale_equals_dt_and_step_km_forms():
+    rng = np.random.default_rng(3)
+    log_e, cand, pad, dt_s = random_lattice(rng, 3, 7, 4, dt=True)
+    by_dt = viterbi(log_e, cand, pad, dt_s, max_speed_kmh=60.0)
+    as_scale = viterbi(log_e, cand, pad, scale_km=dt_s * 60.0 / 3600.0)
+    assert torch.equal(by_dt.index, as_scale.index)
+    assert torch.allclose(by_dt.log_score, as_scale.log_score, rtol=1e-12)
+    by_step = viterbi(log_e, cand, pad, step_km=0.8)
+    assert torch.equal(by_step.index, viterbi(log_e, cand, pad, scale_km=torch.full((3, 7), 0.8)).index)
+
+
+def test_transition_scales_mix_timestamps_and_step_counts():
+    cfg = DecodeConfig(step_km=0.02, max_speed_kmh=36.0)  # 36 km/h = 10 m/s
+    dt = np.array([[np.nan, 2.0, np.nan, 0.0], [np.nan, np.nan, np.nan, np.nan]])
+    steps = np.array([[0, 1, 3, 1], [0, 1, 2, 0]])  # row 1: a gap over two dropped frames, then padding
+    got = transition_scales_km(dt, steps, cfg)
+    np.testing.assert_allclose(got, [[0.0, 0.02, 0.06, 0.0], [0.0, 0.02, 0.04, 0.0]])
+    with pytest.raises(DecodeError, match="step scale"):
+        transition_scales_km(dt, steps, DecodeConfig())  # an untimed step and no step_km
+    with pytest.raises(DecodeError, match="backwards"):
+        transition_scales_km(np.array([[np.nan, -1.0]]), np.array([[0, 1]]), cfg)
+    with pytest.raises(DecodeError, match="max_speed_kmh"):
+        DecodeConfig(max_speed_kmh=0.0)
+    with pytest.raises(DecodeError, match="scale_km"):
+        viterbi(*drive_lattice(), scale_km=torch.ones(1, 4))

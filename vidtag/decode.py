@@ -21,7 +21,9 @@ left out. ``scale_km`` is what the camera can cover between the two frames:
 * timestamps known: ``scale_km = max_speed_kmh * dt_s / 3600``: a move at the maximum speed costs
   one nat, twice as far two nats;
 * no timestamps: ``scale_km = step_km``, a typical distance between consecutive frames measured on
-  the training tracks with :func:`step_scale_km`.
+  the training tracks with :func:`step_scale_km`;
+* both within one batch (some sequences timed, some not, or a frame whose timestamp is unknown):
+  :func:`transition_scales_km` gives each step its own scale, passed to :func:`viterbi` as ``scale_km``.
 
 Padding (``pad_mask`` True) may sit anywhere, not only at the end: invalid frames inside a video
 (masked in the feature store, see ``vidtag.inference``) are skipped. A padded step carries no cost,
@@ -104,6 +106,7 @@ def viterbi(
     *,
     step_km: float | None = None,
     max_speed_kmh: float | None = None,
+    scale_km: torch.Tensor | None = None,
     transition_weight: float = 1.0,
     min_scale_km: float = 1e-3,
 ) -> ViterbiPath:
@@ -115,11 +118,18 @@ def viterbi(
     pad_mask (B, T): True = padding, anywhere in the sequence (see the module docstring).
     dt_s (B, T): seconds between frame t-1 and frame t (column 0 is unused); None = unknown, then
     ``step_km`` sets the transition scale, else ``max_speed_kmh`` does.
+    scale_km (B, T): instead of ``dt_s`` / ``step_km``, each step's own scale in km (what the camera can
+    cover between frame t-1 and frame t; column 0 unused), e.g. from :func:`transition_scales_km`.
     transition_weight: multiplies the log transitions; 0 makes the result exactly the per-frame
     argmax of ``log_emission`` (ties to the lowest index, like ``argmax``).
     min_scale_km: floor on the transition scale, so duplicate timestamps (dt = 0) do not divide by 0.
     """
     _check_inputs(log_emission, cand_latlon, pad_mask, dt_s)
+    if scale_km is not None:
+        if dt_s is not None:
+            raise DecodeError("give dt_s or scale_km, not both")
+        if tuple(scale_km.shape) != tuple(log_emission.shape[:2]):
+            raise DecodeError(f"scale_km must be (B, T) = {tuple(log_emission.shape[:2])}; found {tuple(scale_km.shape)}")
     b, t_len, k = log_emission.shape
     dev = log_emission.device
     f64 = torch.float64
@@ -130,7 +140,7 @@ def viterbi(
         raise DecodeError(f"transition_weight must be finite and >= 0; found {transition_weight}")
     if not (math.isfinite(min_scale_km) and min_scale_km > 0):
         raise DecodeError(f"min_scale_km must be finite and > 0; found {min_scale_km}")
-    if weight > 0:
+    if weight > 0 and scale_km is None:
         if dt_s is not None and (max_speed_kmh is None or not (math.isfinite(max_speed_kmh) and max_speed_kmh > 0)):
             raise DecodeError(f"with dt_s, max_speed_kmh must be a positive number; found {max_speed_kmh}")
         if dt_s is None and (step_km is None or not (math.isfinite(step_km) and step_km > 0)):
@@ -158,7 +168,12 @@ def viterbi(
     # step count makes up the gap a transition spans. Leading and trailing padding is never read.
     n_before = torch.cumsum(valid.long(), dim=1) - valid.long()  # (B, T) valid frames before t
     inside = (n_before > 0) & (n_before < valid.sum(dim=1, keepdim=True))  # (B, T)
-    if dt_s is None:
+    if scale_km is not None:
+        sc = scale_km.to(dev, f64)
+        if bool((inside & ~(torch.isfinite(sc) & (sc >= 0))).any()):
+            raise DecodeError("scale_km must be finite and >= 0 between valid frames")
+        step = torch.where(inside, sc, 0.0)  # (B, T) km the camera can cover
+    elif dt_s is None:
         step = inside.to(f64) * (1.0 if step_km is None else float(step_km))  # (B, T) km per step
     else:
         dt = dt_s.to(dev, f64)
@@ -282,3 +297,50 @@ def step_scale_km(latlon_deg, offsets=None, *, lengths=None, trim: float = 0.01)
     step_km = np.sort(step_km)
     keep = max(1, int(math.ceil(step_km.size * (1.0 - trim))))
     return float(step_km[:keep].mean())
+
+
+DECODE_METHODS = ("argmax", "viterbi")  # argmax: each frame its own top-1 (the paper, Fig. 5); viterbi: this module
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """The transition model as inference runs it (``vidtag.inference``); see the module docstring."""
+
+    step_km: float | None = None  # scale per frame step where time is unknown: step_scale_km of the training tracks
+    max_speed_kmh: float = 130.0  # timestamps known: a move at this speed costs one nat (a motorway limit; our choice)
+    transition_weight: float = 1.0  # multiplies the log transitions; 0 = the per-frame argmax
+    min_scale_km: float = 1e-3  # floor on a step's scale, so repeated timestamps (dt = 0) do not divide by 0
+
+    def __post_init__(self):
+        if self.step_km is not None and not (math.isfinite(self.step_km) and self.step_km > 0):
+            raise DecodeError(f"step_km must be a positive number or None; found {self.step_km}")
+        if not (math.isfinite(self.max_speed_kmh) and self.max_speed_kmh > 0):
+            raise DecodeError(f"max_speed_kmh must be a positive number; found {self.max_speed_kmh}")
+        if not (math.isfinite(self.transition_weight) and self.transition_weight >= 0):
+            raise DecodeError(f"transition_weight must be finite and >= 0; found {self.transition_weight}")
+        if not (math.isfinite(self.min_scale_km) and self.min_scale_km > 0):
+            raise DecodeError(f"min_scale_km must be a positive number; found {self.min_scale_km}")
+
+
+def transition_scales_km(dt_s: np.ndarray, n_steps: np.ndarray, cfg: DecodeConfig) -> np.ndarray:
+    """Each step's transition scale in km (B, T), for :func:`viterbi`'s ``scale_km``.
+
+    dt_s (B, T): seconds between the frame before and frame t, NaN where either timestamp is unknown;
+    n_steps (B, T): how many frame steps that gap spans (more than one across dropped frames), 0 where
+    there is no step (a sequence's first frame, padding). Known time gives ``max_speed_kmh * dt``;
+    unknown time ``step_km * n_steps``, the same rule :func:`viterbi` applies to padded steps.
+    """
+    dt = np.asarray(dt_s, dtype=np.float64)
+    steps = np.asarray(n_steps, dtype=np.float64)
+    if dt.shape != steps.shape:
+        raise DecodeError(f"dt_s {dt.shape} and n_steps {steps.shape} must have the same shape")
+    known = np.isfinite(dt) & (steps > 0)
+    if (known & (dt < 0)).any():
+        raise DecodeError("timestamps go backwards within a sequence; frames must be in time order")
+    need_step = (steps > 0) & ~known
+    if need_step.any() and cfg.step_km is None:
+        raise DecodeError("some frames have no timestamp and no step scale is set (step_km: measure it on training "
+                          "tracks with vidtag.decode.step_scale_km, or give timestamps)")
+    by_time = np.where(known, dt, 0.0) * (cfg.max_speed_kmh / 3600.0)
+    by_step = steps * (cfg.step_km or 0.0)
+    return np.where(known, by_time, np.where(need_step, by_step, 0.0))
