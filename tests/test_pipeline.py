@@ -124,21 +124,61 @@ def test_dvc_repro_on_a_small_toy_world(tmp_path):
     assert "Data and pipelines are up to date" in _run(["dvc", "repro"], work, env)
 
 
+def test_dvclive_curves_continue_across_a_resume(tmp_path):
+    """Killed after logging epoch 3 but before its checkpoint: the resumed run logs epochs 3-4 again at
+    steps 2-3, after the first two epochs' steps, even though DVC deleted the DVCLive folder in between."""
+    import torch
+
+    from pipeline.training import run_resumable
+    from vidtag.train.checkpoint import read_state, save_checkpoint
+
+    ckpt, live_dir = tmp_path / "ckpt", tmp_path / "dvclive"
+
+    def train(kill_after=None):
+        def run(live):
+            state = read_state(ckpt)
+            for epoch in range(state["epoch"] if state else 0, 4):
+                live.log_metric("phase/loss", 10.0 - epoch)
+                live.next_step()
+                if epoch == kill_after:
+                    raise KeyboardInterrupt  # killed between logging the epoch and checkpointing it
+                save_checkpoint(ckpt, {"m": torch.nn.Linear(1, 1)}, None,
+                                {"config": {}, "step": epoch + 1, "epoch": epoch + 1, "complete": epoch == 3})
+            return {}
+        return run
+
+    with pytest.raises(KeyboardInterrupt):
+        run_resumable(train(kill_after=2), ckpt, str(live_dir))
+    shutil.rmtree(live_dir)  # DVC removes the stage's DVCLive output before running it again
+    run_resumable(train(), ckpt, str(live_dir))
+    rows = [line.split("\t") for line in (live_dir / "plots/metrics/phase/loss.tsv").read_text().splitlines()]
+    assert rows[0] == ["step", "loss"]
+    assert [(int(r[0]), float(r[1])) for r in rows[1:]] == [(0, 10.0), (1, 9.0), (2, 8.0), (3, 7.0)]
+
+
 def test_run_resumable_resumes_only_an_unfinished_checkpoint_of_the_same_params(tmp_path):
     from pipeline.training import run_resumable
     from vidtag.errors import CheckpointMismatchError
 
     ckpt = tmp_path / "ckpt"
 
-    def write_state(complete: bool):
+    def write_state(complete: bool, delivered: bool = False):
         ckpt.mkdir()
-        (ckpt / "state.json").write_text(json.dumps({"complete": complete}))
+        (ckpt / "state.json").write_text(json.dumps({"complete": complete, "delivered": delivered}))
 
-    write_state(complete=True)  # DVC re-runs the stage: a finished run is stale
+    write_state(complete=True, delivered=True)  # DVC re-runs the stage: a finished, delivered run is stale
     assert run_resumable(lambda live: {"resumed": ckpt.exists()}, ckpt, None) == {"resumed": False}
 
     write_state(complete=False)  # interrupted, same params: resumed
     assert run_resumable(lambda live: {"resumed": ckpt.exists()}, ckpt, None) == {"resumed": True}
+    shutil.rmtree(ckpt)
+
+    write_state(complete=True)  # finished, but its outputs were never written (a failed bundle write): kept
+    assert run_resumable(lambda live: {"resumed": ckpt.exists()}, ckpt, None) == {"resumed": True}
+    assert json.loads((ckpt / "state.json").read_text())["delivered"] is True  # written now: stale next time
+    shutil.rmtree(ckpt)
+
+    write_state(complete=False)  # written with other params: discarded, and training starts afresh
 
     calls = []
 

@@ -4,6 +4,11 @@ Layout of ``<dir>/``: ``weights.safetensors`` (module state dicts, keys ``<modul
 ``optimizer.safetensors`` (Adam's per-parameter tensors, keys ``state.<id>.<name>``) and ``state.json``
 (config, step, epoch, param groups, anything else the loop records). The directory is replaced in one
 rename, so an interrupted write leaves the previous checkpoint whole.
+
+A finished run's checkpoint says ``complete``; once the stage's outputs made from it are written it is
+also ``delivered`` (:func:`mark_delivered`). Only a delivered checkpoint is stale when the stage runs
+again: a finished one whose outputs were lost (a kill or a full disk while writing the bundle) is
+resumed, which skips straight to writing them.
 """
 
 from __future__ import annotations
@@ -14,18 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vidtag.io import atomic_path
+from vidtag.errors import CheckpointError  # re-exported: `from vidtag.train.checkpoint import CheckpointError` works
+from vidtag.io import atomic_path, write_json_atomic
 
 WEIGHTS = "weights.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is incomplete or does not match the model it is restored into."""
 
 
 @dataclass
@@ -86,12 +89,37 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     missing = [f for f in (WEIGHTS, STATE) if not (directory / f).exists()]
     if missing:
         raise CheckpointError(f"checkpoint {directory} is incomplete (missing {missing}); delete it to start afresh")
-    state = json.loads((directory / STATE).read_text())
-    weights = load_file(directory / WEIGHTS, device=str(device))
-    optimizer = None
-    if "optimizer" in state and (directory / OPTIMIZER).exists():
-        optimizer = _unflatten_optimizer(load_file(directory / OPTIMIZER, device=str(device)), state.pop("optimizer"))
+    state = read_state(directory)
+    try:
+        weights = load_file(directory / WEIGHTS, device=str(device))
+        optimizer = None
+        if "optimizer" in state and (directory / OPTIMIZER).exists():
+            optimizer = _unflatten_optimizer(load_file(directory / OPTIMIZER, device=str(device)), state.pop("optimizer"))
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise CheckpointError(f"checkpoint {directory} cannot be read ({type(e).__name__}: {e}); delete it to "
+                              "start afresh") from None
     return Checkpoint(weights, optimizer, state)
+
+
+def read_state(directory: str | Path) -> dict[str, Any] | None:
+    """``state.json`` of the checkpoint in ``directory`` (None when there is none); unreadable is an error."""
+    path = Path(directory) / STATE
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read as JSON ({e}); delete {directory} to start afresh") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a JSON object; delete {directory} to start afresh")
+    return state
+
+
+def mark_delivered(directory: str | Path) -> None:
+    """Record that the outputs made from this finished checkpoint were written (see the module docstring)."""
+    state = read_state(directory)
+    if state is not None and state.get("complete") and not state.get("delivered"):
+        write_json_atomic(Path(directory) / STATE, {**state, "delivered": True})
 
 
 def restore(ckpt: Checkpoint, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None = None) -> None:
