@@ -259,3 +259,13 @@ def test_html_track_across_the_antimeridian_stays_one_line(tmp_path):
     lons = np.array(data["tracks"][0]["points"])[:, 1]
     assert np.all(np.diff(lons) > 0) and np.ptp(lons) < 0.1
     assert "Fiji" in data["where"]
+
+
+def test_a_map_is_named_after_the_truth_else_the_final_prediction(tmp_path):
+    zurich, geneva = offset_km(47.37, 8.54, np.zeros(3), np.arange(3.0)), offset_km(46.20, 6.14, np.zeros(3), np.arange(3.0))
+    both = _page_data(trajectory_map(tmp_path / "a.html", *zurich, *geneva, phase1=zurich).read_text())
+    assert "Geneva" in both["where"]
+    no_truth = _page_data(trajectory_map(tmp_path / "b.html", *zurich, phase1=geneva).read_text())
+    assert "Zürich" in no_truth["where"]
+    lost = np.full(3, np.nan)  # no final point at all: named after Phase I
+    assert "Geneva" in _page_data(trajectory_map(tmp_path / "c.html", lost, lost, phase1=geneva).read_text())["where"]

@@ -249,9 +249,10 @@ def _place_label(p: basemap.Place) -> str:
 
 
 def _where(tracks: list[_Track], view: _View) -> tuple[tuple[float, float], str]:
-    """The reference point of a map (centre of the ground truth when known, else of the first track)
-    and where it is in words."""
-    ref = tracks[0]
+    """The reference point of a map (centre of the ground truth when known, else of the final
+    prediction) and where it is in words."""
+    order = {"truth": 0, "final": 1, "phase1": 2}
+    ref = min((t for t in tracks if t.ok.any()), key=lambda t: order[t.key])  # _View made sure one has a point
     near = (float(np.mean(ref.lat[ref.ok])), float(np.mean(view.unwrap(ref.lon[ref.ok]))))
     return near, basemap.describe(*near)
 
