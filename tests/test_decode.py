@@ -96,7 +96,7 @@ def test_missing_candidates_may_hold_nan_coordinates():
 # Exactness: brute force over every path of small random lattices
 
 
-def brute_force(log_e, cand, pad, dt_s, step_km, max_speed_kmh, weight, min_scale_km=1e-3):
+def brute_force(log_e, cand, pad, dt_s, step_km, max_speed_kmh, weight, min_scale_km=1e-3, free=0.0):
     """Best score and the scores of all paths for one sequence, enumerating K^T_valid paths."""
     frames = [t for t in range(log_e.shape[0]) if not pad[t]]
     k = log_e.shape[1]
@@ -108,7 +108,8 @@ def brute_force(log_e, cand, pad, dt_s, step_km, max_speed_kmh, weight, min_scal
         for (a, i), (b, j) in itertools.pairwise(zip(frames, choice)):
             gap_km = (b - a) * step_km if dt_s is None else dt_s[a + 1 : b + 1].sum() * max_speed_kmh / 3600
             d = geo.haversine_km(cand[a, i, 0], cand[a, i, 1], cand[b, j, 0], cand[b, j, 1])
-            s -= weight * d / max(gap_km, min_scale_km)
+            scale = max(gap_km, min_scale_km)
+            s -= weight * max(0.0, d - free * scale) / scale
         path = [0] * log_e.shape[0]
         for t, i in zip(frames, choice):
             path[t] = i
@@ -136,13 +137,14 @@ def test_matches_brute_force(seed):
     b, t, k = 3, int(rng.integers(1, 6)), int(rng.integers(1, 5))
     use_dt = seed % 2 == 1
     weight = float(rng.choice([0.0, 0.5, 1.0, 3.0]))
+    free = float(rng.choice([0.0, 0.0, 1.0, 2.5]))  # the dead zone, in scales
     log_e, cand, pad, dt_s = random_lattice(rng, b, t, k, dt=use_dt)
     kw = dict(dt_s=dt_s, max_speed_kmh=60.0) if use_dt else dict(step_km=0.8)
-    out = viterbi(log_e, cand, pad, transition_weight=weight, **kw)
+    out = viterbi(log_e, cand, pad, transition_weight=weight, free_scales=free, **kw)
     for s in range(b):
         paths = brute_force(
             log_e[s].numpy(), cand[s].numpy(), pad[s].numpy(), None if dt_s is None else dt_s[s].numpy(),
-            0.8, 60.0, weight,
+            0.8, 60.0, weight, free=free,
         )
         ranked = sorted(paths.values(), reverse=True)
         assert float(out.log_score[s]) == pytest.approx(ranked[0], rel=1e-9, abs=1e-9)
@@ -306,3 +308,19 @@ def test_transition_scales_mix_timestamps_and_step_counts():
         DecodeConfig(max_speed_kmh=0.0)
     with pytest.raises(DecodeError, match="scale_km"):
         viterbi(*drive_lattice(), scale_km=torch.ones(1, 4))
+
+
+def test_dead_zone_lets_the_path_follow_the_camera():
+    # Candidates 0 follow a drive 40 m per frame; candidates 1 stand still at the start, and the emissions
+    # barely prefer the drive (tens of metres apart, nearly equal embeddings).
+    n = 8
+    lat, lon = np.broadcast_arrays(*geo.offset_km(PARIS[0], PARIS[1], 0.0, 0.04 * np.arange(n)))
+    cand = torch.tensor(np.stack([np.stack([lat, lon], -1), np.broadcast_to(np.stack([lat[:1], lon[:1]], -1), (n, 2))], 1))[None]
+    log_e = torch.log(torch.tensor([[0.52, 0.48]] * n, dtype=torch.float64))[None]
+    assert viterbi(log_e, cand, step_km=0.04).index.tolist() == [[0] + [1] * (n - 1)]  # collapses onto the start
+    assert viterbi(log_e, cand, step_km=0.04, free_scales=1.0).index.tolist() == [[0] * n]  # follows the drive
+    far = cand.clone()
+    far[0, 3, 1] = torch.tensor(LONDON)  # a look-alike city as the other candidate: still never taken
+    log_far = log_e.clone()
+    log_far[0, 3] = torch.log(torch.tensor([0.2, 0.8]))
+    assert viterbi(log_far, far, step_km=0.04, free_scales=1.0).index[0, 3] == 0

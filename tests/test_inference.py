@@ -168,6 +168,34 @@ def test_offsets_from_sorted_sequence_ids():
     assert offsets.tolist() == [0, 2, 3, 6] and ids == ["x", "y", "z"]
 
 
+def test_candidates_of_both_retrievals_and_flat_decoding_is_fig5(bundle):
+    from vidtag.decode import DecodeConfig
+    from vidtag.features.sequences import sequences_from_offsets
+    from vidtag.inference import Locator
+
+    clip, dino, offsets = features([7, 2, 11], seed=4)
+    valid = np.ones(20, bool)
+    valid[[3, 12]] = False
+    base = predict_sequences(bundle, clip, dino, valid, offsets, device="cpu")
+    flat = predict_sequences(bundle, clip, dino, valid, offsets, device="cpu",
+                             cfg=InferenceConfig(decode="viterbi", step_km=1.0, transition_weight=0.0))
+    assert flat.equals(base)  # no transition cost: each frame its own top-1, through the whole path
+    locator = Locator.for_bundle(bundle, grid(), device="cpu")
+    table = sequences_from_offsets(offsets, valid, ["a", "b", "c"])
+    source = FeatureTensors.from_frames(clip, dino, torch.device("cpu"))
+    found = locator.locate(source, table, top_k=5, decode=DecodeConfig(step_km=1.0))
+    plain = locator.locate(source, table)
+    assert np.array_equal(found.phase1, plain.phase1) and np.array_equal(found.final, plain.final)  # Fig. 5 untouched
+    assert set(found.candidates) == {"phase1", "final"}
+    for stage, top1 in (("phase1", found.phase1), ("final", found.final)):
+        c = found.candidates[stage]
+        assert c.latlon.shape == (18, 5, 2) and c.score.shape == c.prob.shape == c.index.shape == (18, 5)
+        assert np.array_equal(c.index[:, 0], top1) and np.array_equal(c.latlon, grid()[c.index])
+        assert (np.diff(c.score, axis=1) <= 0).all() and (c.prob.sum(axis=1) == pytest.approx(1.0))
+        assert c.path.shape == (18,) and ((c.path >= 0) & (c.path < 5)).all()
+        np.testing.assert_array_equal(found.latlon(stage, grid(), decoded=False), grid()[top1])
+
+
 # --- evaluation run (vidtag.evaluation) on top of the same inference ---------------------------
 
 
@@ -197,6 +225,9 @@ def test_evaluation_run_writes_metrics_table_and_plots(bundle, tmp_path):
     assert p["lat"].is_not_null().all()
     assert res.metrics["n_frames"] == 10 and res.metrics["n_frames_unpredicted"] == 2 == res.metrics["n_frames_invalid"]
     assert set(res.metrics["phase1"]) == {"frame", "video", "trajectory", "shape"}
+    # Beyond the paper: argmax and Viterbi side by side (the step scale from the train split's track "a").
+    assert set(res.metrics["compare"]) == {"argmax", "viterbi"} and res.metrics["decode"]["step_km"] > 0
+    assert res.metrics["compare"]["argmax"]["final"]["frame_acc_1km"] == res.metrics["frame"]["acc_1km"]
     assert res.sequences["sequence_id"].to_list() == ["b", "c", "d"]
     written = write_reports(res, predictions=tmp_path / "pred.parquet", metrics=tmp_path / "m" / "eval.json",
                             per_sequence_csv=tmp_path / "m" / "seq.csv", plots_dir=tmp_path / "plots", n_maps=2)

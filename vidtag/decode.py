@@ -25,6 +25,16 @@ left out. ``scale_km`` is what the camera can cover between the two frames:
 * both within one batch (some sequences timed, some not, or a frame whose timestamp is unknown):
   :func:`transition_scales_km` gives each step its own scale, passed to :func:`viterbi` as ``scale_km``.
 
+A dead zone (``free_scales``, 0 by default; inference uses :class:`DecodeConfig`'s 1): a move of up to
+``free_scales * scale_km`` costs nothing and only the excess is charged,
+``log p = -transition_weight * max(0, dist_km - free_scales * scale_km) / scale_km``. Why: the candidates'
+emissions barely tell apart points a few tens of metres apart (their location embeddings are nearly
+equal), so a pure distance cost makes the path stand still while the camera drives on (the "collapse"
+of Fig. 4). With the dead zone a move at the camera's pace (or within the lattice's resolution, which
+inference sets as the floor ``min_scale_km``) is free and the emissions decide it, while a jump of
+kilometres still costs about ``dist / scale`` nats. The cost stays linear, hence additive, beyond the
+zone.
+
 Padding (``pad_mask`` True) may sit anywhere, not only at the end: invalid frames inside a video
 (masked in the feature store, see ``vidtag.inference``) are skipped. A padded step carries no cost,
 the path holds its state across it, and the next valid frame is linked to the last valid one with
@@ -109,6 +119,7 @@ def viterbi(
     scale_km: torch.Tensor | None = None,
     transition_weight: float = 1.0,
     min_scale_km: float = 1e-3,
+    free_scales: float = 0.0,
 ) -> ViterbiPath:
     """Jointly best path through each sequence's top-K candidates (exact Viterbi).
 
@@ -123,6 +134,7 @@ def viterbi(
     transition_weight: multiplies the log transitions; 0 makes the result exactly the per-frame
     argmax of ``log_emission`` (ties to the lowest index, like ``argmax``).
     min_scale_km: floor on the transition scale, so duplicate timestamps (dt = 0) do not divide by 0.
+    free_scales: the dead zone, in scales: moves up to ``free_scales * scale`` cost nothing (module docstring).
     """
     _check_inputs(log_emission, cand_latlon, pad_mask, dt_s)
     if scale_km is not None:
@@ -140,6 +152,9 @@ def viterbi(
         raise DecodeError(f"transition_weight must be finite and >= 0; found {transition_weight}")
     if not (math.isfinite(min_scale_km) and min_scale_km > 0):
         raise DecodeError(f"min_scale_km must be finite and > 0; found {min_scale_km}")
+    free = float(free_scales)
+    if not (math.isfinite(free) and free >= 0):
+        raise DecodeError(f"free_scales must be finite and >= 0; found {free_scales}")
     if weight > 0 and scale_km is None:
         if dt_s is not None and (max_speed_kmh is None or not (math.isfinite(max_speed_kmh) and max_speed_kmh > 0)):
             raise DecodeError(f"with dt_s, max_speed_kmh must be a positive number; found {max_speed_kmh}")
@@ -199,6 +214,8 @@ def viterbi(
         if weight > 0:
             dist_km = _pairwise_km(prev_trig, cur)  # (B, K, K): [previous j, current i]
             scale_km = gap_km.clamp_min(min_scale_km)[:, None, None]  # (B, 1, 1)
+            if free > 0:
+                dist_km = dist_km.sub_(scale_km * free).clamp_(min=0.0)  # only the excess over the dead zone
             trans = dist_km.div_(scale_km).mul_(-weight).add_(delta[:, :, None])  # (B, K, K), in place
         else:
             trans = delta[:, :, None].expand(b, k, k)  # (B, K, K): no transition cost at all
@@ -310,6 +327,7 @@ class DecodeConfig:
     max_speed_kmh: float = 130.0  # timestamps known: a move at this speed costs one nat (a motorway limit; our choice)
     transition_weight: float = 1.0  # multiplies the log transitions; 0 = the per-frame argmax
     min_scale_km: float = 1e-3  # floor on a step's scale, so repeated timestamps (dt = 0) do not divide by 0
+    free_scales: float = 1.0  # dead zone: a move within one scale (the camera's pace) is free (see the module docstring)
 
     def __post_init__(self):
         if self.step_km is not None and not (math.isfinite(self.step_km) and self.step_km > 0):
@@ -320,6 +338,8 @@ class DecodeConfig:
             raise DecodeError(f"transition_weight must be finite and >= 0; found {self.transition_weight}")
         if not (math.isfinite(self.min_scale_km) and self.min_scale_km > 0):
             raise DecodeError(f"min_scale_km must be a positive number; found {self.min_scale_km}")
+        if not (math.isfinite(self.free_scales) and self.free_scales >= 0):
+            raise DecodeError(f"free_scales must be finite and >= 0; found {self.free_scales}")
 
 
 def transition_scales_km(dt_s: np.ndarray, n_steps: np.ndarray, cfg: DecodeConfig) -> np.ndarray:

@@ -4,21 +4,34 @@ alone, so the gain of Phase II shows), a per-sequence table, and plots ``dvc plo
 Frames of a sequence with no readable frame have no prediction; metrics.evaluate counts every frame,
 so they are given the run's most frequent prediction (a data-driven prior, almost always wrong) and
 counted in ``n_frames_unpredicted`` rather than dropped (dropping would inflate accuracy).
+
+Beyond the paper (App. L): temporal decoding (``vidtag.decode``) and local refinement (``vidtag.refine``)
+run in the same inference path. The top level of the metrics is the answer ``eval.decode`` chooses; the
+``compare`` group holds the argmax and Viterbi answers side by side for Phase I and final, whichever is
+chosen (plus ``gallery_top1``, Fig. 5's answer before refinement, when refinement is on), so their gain
+shows beside the GeoRefiner's in one run and ``dvc metrics diff`` lines read ``compare.viterbi.final.dfd_km``.
+Without timestamps (``timestamp_s`` in the manifest) the decoder's step scale is measured on the
+manifest's training tracks (``decode.step_scale_km``), never on the split being evaluated.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import resource
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
+import torch
+
+from vidtag.decode import DECODE_METHODS, DecodeError, step_scale_km
 from vidtag.errors import EvaluationError
 from vidtag.gallery import read_gallery
 from vidtag.geo import haversine_km
-from vidtag.inference import InferenceConfig, gallery_latlon, offsets_from_sequence_ids, predict_sequences
+from vidtag.inference import InferenceConfig, Located, frame_table, gallery_latlon, locate_sequences, offsets_from_sequence_ids
 from vidtag.io import atomic_path, write_json_atomic, write_parquet_atomic
 from vidtag.metrics import LABEL_LEVELS, evaluate, per_sequence
 from vidtag.viz import accuracy_by_threshold, error_cdf, trajectory_map_png
@@ -32,6 +45,19 @@ class EvalConfig:
     k: int = 256  # Phase I candidates for the confidence softmax (vidtag.inference)
     confidence_radius_km: float = 1.0  # see vidtag.inference
     n_maps: int = 6  # trajectory maps drawn, for sequences evenly spaced in sorted-id order (stable across runs)
+    # Beyond the paper (App. L); the defaults are the paper's Fig. 5. See vidtag.decode and vidtag.refine.
+    decode: str = "argmax"  # the answer reported at the top level: argmax (Fig. 5) | viterbi; "compare" holds both
+    top_k: int = 64  # candidates per frame for decoding and refinement (k above stays the confidence's: a mass over many)
+    max_speed_kmh: float = 130.0  # frames with timestamps: a move at this speed costs one nat
+    transition_weight: float = 1.0  # multiplies the decoder's log transitions (0 = argmax)
+    refine: bool = False  # refine each frame's best candidates on a fine lattice in their gallery cell
+    refine_step_km: float = 0.05  # the lattice's spacing (tens of metres)
+    refine_radius_km: float | None = None  # half-width searched around a candidate; None = half the gallery spacing
+    refine_k: int = 8  # candidates refined per frame
+
+    def __post_init__(self):
+        if self.decode not in DECODE_METHODS:
+            raise EvaluationError(f"eval.decode must be one of {DECODE_METHODS}; found {self.decode!r}")
 
 
 @dataclass(frozen=True)
@@ -43,9 +69,47 @@ class EvalRuntime:
     batch_frames: int = 8192  # padded frames per forward pass
 
 
-def inference_config(cfg: EvalConfig, runtime: EvalRuntime) -> InferenceConfig:
+def inference_config(cfg: EvalConfig, runtime: EvalRuntime, step_km: float | None = None) -> InferenceConfig:
     return InferenceConfig(k=cfg.k, confidence_radius_km=cfg.confidence_radius_km, batch_frames=runtime.batch_frames,
-                           backend=runtime.backend)
+                           backend=runtime.backend, decode=cfg.decode, top_k=cfg.top_k, max_speed_kmh=cfg.max_speed_kmh,
+                           step_km=step_km, transition_weight=cfg.transition_weight, refine=cfg.refine,
+                           refine_step_km=cfg.refine_step_km, refine_radius_km=cfg.refine_radius_km, refine_k=cfg.refine_k)
+
+
+def train_step_km(manifest: pl.DataFrame) -> float | None:
+    """The decoder's step scale measured on the training split's tracks (``decode.step_scale_km``); None
+    when it has no track of two geotagged frames. Frames without coordinates are skipped."""
+    if "split" not in manifest.columns:
+        return None
+    t = manifest.filter((pl.col("split") == "train") & pl.col("lat").is_not_null() & pl.col("lon").is_not_null())
+    if t.height < 2:
+        return None
+    offsets, _ = offsets_from_sequence_ids(t["sequence_id"].to_list())
+    try:
+        return step_scale_km(t.select(pl.col("lat").cast(pl.Float64), pl.col("lon").cast(pl.Float64)).to_numpy(), offsets)
+    except DecodeError:
+        return None
+
+
+def split_timestamps(m: pl.DataFrame) -> np.ndarray | None:
+    """(N,) seconds of the split's frames (NaN = unknown), or None when the manifest has no times."""
+    if "timestamp_s" not in m.columns or m["timestamp_s"].is_null().all():
+        return None
+    return m["timestamp_s"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+
+
+COMPACT_KEYS = ("frame_acc_0.5km", "frame_acc_1km", "frame_median_km", "frames_off_25km_pct", "video_acc_1km",
+                "video_median_km", "dfd_km", "mrd_km")
+
+
+def compact_metrics(pred: pl.DataFrame) -> dict[str, float]:
+    """The few numbers a comparison group holds (``COMPACT_KEYS``): Sec. 4.3's frame and video accuracy and
+    median, DFD and MRD in km, and the share of frames more than 25 km off (a jump to another city)."""
+    e = evaluate(pred.select("sequence_id", "frame_index", "lat", "lon", "gt_lat", "gt_lon"))
+    f, v, t = e["frame"], e["video"], e["trajectory"]
+    return {"frame_acc_0.5km": f["acc_0.5km"], "frame_acc_1km": f["acc_1km"], "frame_median_km": f["median_km"],
+            "frames_off_25km_pct": 100.0 - f["acc_25km"], "video_acc_1km": v["acc_1km"], "video_median_km": v["median_km"],
+            "dfd_km": t["dfd_km"], "mrd_km": t["mrd_km"]}
 
 
 @dataclass
@@ -54,6 +118,40 @@ class EvalResult:
     metrics: dict[str, Any]  # metrics.evaluate(...) + "phase1" + counts
     sequences: pl.DataFrame  # per-sequence table
     plots: dict[str, pl.DataFrame] = field(default_factory=dict)  # name -> plot data
+
+
+def _with_truth(pred: pl.DataFrame, m: pl.DataFrame, gallery: np.ndarray) -> tuple[pl.DataFrame, int]:
+    """A frame table with the manifest's frame_index, frames without prediction given the run's most frequent
+    answer (see the module docstring), and ground truth; returns it and the number of unpredicted frames."""
+    pred = pred.with_columns(pl.Series("frame_index", m["frame_index"].to_numpy(), dtype=pl.Int32))
+    missing = pred["lat"].is_null()
+    n_unpredicted = int(missing.sum())
+    if n_unpredicted:
+        prior = pred.filter(~missing).group_by("lat", "lon").len().sort(["len", "lat", "lon"], descending=[True, False, False])
+        p_lat, p_lon = (prior["lat"][0], prior["lon"][0]) if prior.height else (float(gallery[0, 0]), float(gallery[0, 1]))
+        fill = {c: pl.col(c).fill_null(v) for c, v in (("lat", p_lat), ("lon", p_lon), ("phase1_lat", p_lat), ("phase1_lon", p_lon))}
+        pred = pred.with_columns(**fill)
+    extra = [c for c in LABEL_LEVELS if c in m.columns]
+    pred = pred.with_columns(
+        pl.Series("gt_lat", m["lat"].cast(pl.Float64)), pl.Series("gt_lon", m["lon"].cast(pl.Float64)),
+        *[m[c].alias(c) for c in extra],
+    )
+    return pred, n_unpredicted
+
+
+def _compare(found: Located, gallery, valid, offsets, ids, m: pl.DataFrame, decoded_available: bool, refined: bool) -> dict:
+    """``compare`` group: argmax / viterbi (/ gallery_top1 with refinement) x (final, phase1), compact metrics."""
+    answers = {"argmax": (found, False)}
+    if decoded_available:
+        answers["viterbi"] = (found, True)
+    if refined:
+        answers["gallery_top1"] = (replace(found, candidates={}), False)  # Fig. 5's gallery points, before refinement
+    out = {}
+    for name, (f, decoded) in answers.items():
+        table, _ = _with_truth(frame_table(f, gallery, valid, offsets, ids, decoded=decoded), m, gallery)
+        phase1 = table.select("sequence_id", "frame_index", "gt_lat", "gt_lon", lat="phase1_lat", lon="phase1_lon")
+        out[name] = {"final": compact_metrics(table), "phase1": compact_metrics(phase1)}
+    return out
 
 
 def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = EvalConfig(), *,
@@ -72,24 +170,25 @@ def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = E
         raise EvaluationError("manifest rows of a sequence are not contiguous; the manifest must be sorted by (sequence_id, frame_index)")
     gal_df, _ = read_gallery(bundle.gallery_path)
     gallery = gallery_latlon(gal_df, bundle.gallery_path)
-    pred = predict_sequences(bundle, features.clip[rows], features.dino[rows], features.valid[rows], offsets, gallery,
-                             sequence_ids=ids, cache_dir=cache_dir, cfg=inference_config(cfg, runtime), device=runtime.device,
-                             progress=progress)
-    pred = pred.with_columns(pl.Series("frame_index", m["frame_index"].to_numpy(), dtype=pl.Int32))
 
-    missing = pred["lat"].is_null()
-    n_unpredicted = int(missing.sum())
-    if n_unpredicted:
-        prior = pred.filter(~missing).group_by("lat", "lon").len().sort(["len", "lat", "lon"], descending=[True, False, False])
-        p_lat, p_lon = (prior["lat"][0], prior["lon"][0]) if prior.height else (float(gallery[0, 0]), float(gallery[0, 1]))
-        fill = {c: pl.col(c).fill_null(v) for c, v in (("lat", p_lat), ("lon", p_lon), ("phase1_lat", p_lat), ("phase1_lon", p_lon))}
-        pred = pred.with_columns(**fill)
-
+    # Temporal decoding: timestamps where the manifest has them, else the training tracks' step scale.
+    ts = split_timestamps(m)
+    step_km = train_step_km(manifest)
+    can_decode = step_km is not None or (ts is not None and not np.isnan(ts).any())
+    if cfg.decode == "viterbi" and not can_decode:
+        raise EvaluationError("eval.decode=viterbi needs frame timestamps (manifest timestamp_s) or training tracks "
+                              "of two or more geotagged frames to measure a step scale on; this manifest has neither")
+    valid = np.asarray(features.valid[rows], dtype=bool)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    found, gallery = locate_sequences(bundle, features.clip[rows], features.dino[rows], valid, offsets, gallery,
+                                      sequence_ids=ids, timestamps_s=ts, cache_dir=cache_dir,
+                                      cfg=inference_config(cfg, runtime, step_km), device=runtime.device, progress=progress,
+                                      always_decode=can_decode)
+    locate_s = time.perf_counter() - t0
+    pred, n_unpredicted = _with_truth(frame_table(found, gallery, valid, offsets, ids, decoded=cfg.decode == "viterbi"), m, gallery)
     extra = [c for c in LABEL_LEVELS if c in m.columns]
-    pred = pred.with_columns(
-        pl.Series("gt_lat", m["lat"].cast(pl.Float64)), pl.Series("gt_lon", m["lon"].cast(pl.Float64)),
-        *[m[c].alias(c) for c in extra],
-    )
     if "label" in gal_df.columns and "city" in extra:
         # City-centre galleries (CityGuessr68k) carry the city name: the predicted label is the label of the predicted point.
         lookup = gal_df.select(pl.col("lat").cast(pl.Float64), pl.col("lon").cast(pl.Float64), pl.col("label").alias("pred_city")).unique(["lat", "lon"])
@@ -104,6 +203,14 @@ def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = E
     metrics["n_frames_unpredicted"] = n_unpredicted
     metrics["n_frames_invalid"] = int((~pred["valid"]).sum())
     metrics["mean_confidence"] = float(pred["confidence"].mean())
+    if "frame" in metrics:  # the comparison needs ground truth
+        metrics["compare"] = _compare(found, gallery, valid, offsets, ids, m, can_decode, cfg.refine)
+    metrics["decode"] = {"step_km": step_km, "timed_frames_pct": 0.0 if ts is None else float(100.0 * np.isfinite(ts).mean())}
+    metrics["cost"] = {"gallery_points": int(len(gallery)), "locate_s": round(locate_s, 3),
+                       "refined_points_embedded": int(found.n_refined_points),
+                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        metrics["cost"]["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
     seq = per_sequence(pred, gallery)
     seq_p1 = per_sequence(phase1_df).select("sequence_id", phase1_median_km="median_km", phase1_dfd_km="dfd_km",
@@ -174,6 +281,10 @@ def summary(metrics: dict[str, Any]) -> str:
     t = metrics.get("trajectory", {})
     if t:
         lines.append("trajectory " + "  ".join(f"{k}={v:.3f}" for k, v in t.items()))
+    for name, group in metrics.get("compare", {}).items():
+        lines.append(f"{name:13s}" + "  ".join(f"{stage}: acc@1km {g['frame_acc_1km']:.2f} median {g['frame_median_km']:.3f} km "
+                                               f"DFD {g['dfd_km']:.3f} km >25km {g['frames_off_25km_pct']:.2f}%"
+                                               for stage, g in group.items()))
     if metrics.get("city"):
         lines.append("labels     " + "  ".join(f"{k}={v:.1f}%" for k, v in metrics["city"].items() if v is not None))
     return "\n".join(lines)

@@ -24,13 +24,29 @@ Choices the paper leaves open (recorded here and in the README):
   without gaps. A dropped frame then takes the prediction of the nearest readable frame in time (the
   earlier one on a tie), with confidence 0 and ``valid = False``. A sequence with no readable frame gets
   null coordinates.
+
+Beyond the paper (App. L), on request, after each of the two retrievals:
+
+* **Candidates**: each frame keeps its top-K gallery points (``top_k``) with their cosine scores and
+  probabilities ``softmax(exp(logit_scale) * cos)`` over the K, the model's own temperature
+  (:class:`Candidates`, one per stage in ``Located.candidates``). The confidence keeps its own, larger
+  ``k``: it is a mass over many candidates, while decoding costs O(K^2) per frame.
+* **Local refinement** (``vidtag.refine``): the best candidates move to the best point of a fine lattice
+  in their gallery cell, scored against the same query (the frame embedding for Phase I, the GeoRefiner's
+  output for the final retrieval).
+* **Temporal decoding** (``vidtag.decode``): Viterbi over the candidates of whole sequences picks the
+  jointly best path; the transition scale comes from the frames' timestamps where known, else from a step
+  scale (``step_km``), never below the candidates' resolution (the gallery's spacing, or the refinement
+  lattice's step), with a dead zone of one scale (``vidtag.decode``). The GeoRefiner still reads the Phase I top-1 (Fig. 5), so the Phase I and final
+  lattices are decoded independently and the argmax and Viterbi answers come from one pass.
+  The confidence is measured around the answer that is reported (decoded or not).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +55,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidtag.decode import DECODE_METHODS, DecodeConfig, DecodeError, emissions_from_scores, transition_scales_km, viterbi
 from vidtag.device import resolve_device
 from vidtag.errors import InferenceError
 from vidtag.features.sequences import SequenceTable, padded_chunks, sequences_from_offsets
 from vidtag.features.source import FeatureTensors
 from vidtag.geo import haversine_km_torch
 from vidtag.progress import progress as progress_bar
+from vidtag.refine import LocalRefiner, RefineConfig, gallery_spacing_km
 from vidtag.retrieval import GalleryIndex, gallery_embeddings, latlon_fingerprint, module_fingerprint
 
 OUTPUT_COLUMNS = ("sequence_id", "frame_index", "lat", "lon", "phase1_lat", "phase1_lon", "confidence", "valid")
@@ -57,6 +75,44 @@ class InferenceConfig:
     batch_frames: int = 8192  # padded frames per forward pass; sequences are grouped by length up to this
     backend: str = "auto"  # retrieval backend, see vidtag.retrieval.search
     gallery_batch: int = 8192  # gallery points per location-encoder forward when embedding the gallery
+    # Beyond the paper (see the module docstring); the defaults are Fig. 5 as published.
+    decode: str = "argmax"  # argmax: each frame its own top-1 (Fig. 5) | viterbi: jointly best path (vidtag.decode)
+    top_k: int = 64  # candidates per frame that decoding and refinement work on
+    max_speed_kmh: float = 130.0  # frames with timestamps: a move at this speed costs one nat (vidtag.decode)
+    step_km: float | None = None  # frames without timestamps: transition scale per frame step (decode.step_scale_km)
+    transition_weight: float = 1.0  # multiplies the log transitions; 0 = argmax
+    refine: bool = False  # refine the best candidates on a fine local lattice (vidtag.refine)
+    refine_step_km: float = 0.05  # the lattice's spacing
+    refine_radius_km: float | None = None  # half-width searched around a candidate; None = half the gallery spacing
+    refine_k: int = 8  # candidates refined per frame
+
+    def __post_init__(self):
+        if self.decode not in DECODE_METHODS:
+            raise InferenceError(f"decode must be one of {DECODE_METHODS}; found {self.decode!r}")
+        if int(self.top_k) < 1:
+            raise InferenceError(f"top_k must be >= 1; found {self.top_k}")
+
+    def decode_config(self) -> DecodeConfig:
+        return DecodeConfig(step_km=self.step_km, max_speed_kmh=self.max_speed_kmh, transition_weight=self.transition_weight)
+
+    def refine_config(self) -> RefineConfig | None:
+        return RefineConfig(step_km=self.refine_step_km, radius_km=self.refine_radius_km, top=self.refine_k) if self.refine else None
+
+
+@dataclass
+class Candidates:
+    """One retrieval's top-K per frame, best score first: the lattice temporal decoding runs on."""
+
+    latlon: np.ndarray  # (M, K, 2) float64 degrees
+    score: np.ndarray  # (M, K) float32 cosine similarity to the frame's query
+    prob: np.ndarray  # (M, K) float64 softmax(exp(logit_scale) * score) over the K: the decoder's emissions
+    index: np.ndarray  # (M, K) int64 gallery row; -1 for a point local refinement found between gallery points
+    path: np.ndarray | None = None  # (M,) int64 column the Viterbi path takes; None when not decoded
+
+    def answer(self, decoded: bool = True) -> np.ndarray:
+        """(M, 2) degrees: the decoded path's candidate (when decoded and ``decoded``), else the best one."""
+        col = self.path if decoded and self.path is not None else np.zeros(len(self.latlon), np.int64)
+        return self.latlon[np.arange(len(self.latlon)), col]
 
 
 @dataclass
@@ -67,9 +123,20 @@ class Located:
     phase1: np.ndarray  # (M,) gallery index of the Phase I top-1
     final: np.ndarray | None  # (M,) gallery index after the GeoRefiner; None when not refined
     confidence: np.ndarray | None  # (M,) see the module docstring; None when not asked for
-    # Phase I's top-K per frame when asked for (locate(top_k=K)): gallery index (M, K) and probability (M, K),
-    # softmax(exp(logit_scale) * cos) over the frame's k candidates, best first.
-    candidates: tuple[np.ndarray, np.ndarray] | None = None
+    # Per stage ("phase1", "final") when asked for (locate(top_k=K)): each frame's candidates, refined and
+    # decoded as requested. Empty otherwise.
+    candidates: dict[str, Candidates] = field(default_factory=dict)
+    n_refined_points: int = 0  # fine-lattice points the location encoder embedded (vidtag.refine)
+
+    def latlon(self, stage: str, gallery: np.ndarray, decoded: bool = True) -> np.ndarray:
+        """(M, 2) degrees: the answer of ``stage`` ("phase1" | "final"): from its candidates where kept
+        (decoded path or best, refined when refinement ran), else Fig. 5's gallery top-1."""
+        if stage in self.candidates:
+            return self.candidates[stage].answer(decoded)
+        idx = self.phase1 if stage == "phase1" else self.final
+        if idx is None:
+            raise InferenceError(f"no {stage!r} answer: this locator stops after Phase I")
+        return np.asarray(gallery)[idx]
 
 
 @contextmanager
@@ -108,6 +175,7 @@ class Locator:
         self.location_encoder = location_encoder
         self.refiner = None if refiner is None else refiner.to(self.device)
         self.scale = logit_scale.detach().float().exp().to(self.device)  # the learned temperature, a device scalar
+        self.logit_scale = logit_scale.detach().double().cpu()  # its log, for the decoder's emissions
         self.gallery_latlon = np.asarray(gallery_latlon, dtype=np.float64)  # (G, 2)
         if len(self.gallery_latlon) == 0:
             raise InferenceError("the gallery is empty; rebuild it (stage `gallery`)")
@@ -139,15 +207,44 @@ class Locator:
         return cls(bundle.frame_encoder, bundle.location_encoder, bundle.logit_scale, bundle.refiner, gallery, gallery_emb,
                    backend=cfg.backend, device=device)
 
+    def spacing_km(self) -> float:
+        """The gallery's resolution (median nearest-neighbour distance), measured once: refinement's default cell."""
+        if getattr(self, "_spacing_km", None) is None:
+            self._spacing_km = gallery_spacing_km(self.gallery_latlon)
+        return self._spacing_km
+
+    def local_refiner(self, cfg: RefineConfig) -> LocalRefiner:
+        """A refiner for one run (its cache of fine-lattice embeddings lives as long as it does)."""
+        radius_km = cfg.radius_km if cfg.radius_km is not None else 0.5 * self.spacing_km()
+        return LocalRefiner(self.location_encoder, cfg, radius_km, device=self.device)
+
     @torch.no_grad()
     def locate(self, source, table: SequenceTable, *, k: int = 1, batch_frames: int = 8192,
-               confidence_radius_km: float | None = None, progress: bool = False, top_k: int = 0) -> Located:
+               confidence_radius_km: float | None = None, progress: bool = False, top_k: int = 0,
+               decode: DecodeConfig | None = None, refine: RefineConfig | None = None,
+               timestamp_s: np.ndarray | None = None, confidence_decoded: bool = True) -> Located:
         """Fig. 5 for every frame of ``table``, whole sequences at a time, features gathered from ``source``
-        (vidtag.features.source). ``k`` Phase I candidates feed the confidence (needs ``confidence_radius_km``);
-        ``top_k`` > 0 also returns each frame's best ``top_k`` of them (``Located.candidates``)."""
-        top_k = max(0, min(int(top_k), len(self.gallery_latlon)))
-        k = max(1, top_k, min(int(k), len(self.gallery_latlon)))
-        rows_out, p1_out, p2_out, conf_out, cand_out = [], [], [], [], []
+        (vidtag.features.source). ``k`` Phase I candidates feed the confidence (needs ``confidence_radius_km``).
+
+        ``top_k`` > 0 keeps each frame's best ``top_k`` candidates of both retrievals (``Located.candidates``);
+        ``refine`` refines them (vidtag.refine), ``decode`` runs Viterbi over them (vidtag.decode) with
+        ``timestamp_s`` (N,) per feature row (NaN = unknown) for the transition scale. The confidence is
+        measured around the decoded final answer, or around the best candidate with ``confidence_decoded=False``.
+        """
+        n_gallery = len(self.gallery_latlon)
+        if (decode is not None or refine is not None) and top_k < 1:
+            raise InferenceError("decoding and refinement work on candidates: give top_k >= 1")
+        top_k = max(0, min(int(top_k), n_gallery))
+        k = max(1, min(int(k), n_gallery))
+        k_search = max(k, top_k)  # one search serves the confidence and the candidates
+        local = self.local_refiner(refine) if refine is not None else None
+        if decode is not None:  # no scale below the candidates' own resolution: a one-cell move is within the dead zone
+            resolution_km = refine.step_km if refine is not None else self.spacing_km()
+            decode = replace(decode, min_scale_km=max(decode.min_scale_km, resolution_km))
+        ts = None if timestamp_s is None else np.asarray(timestamp_s, dtype=np.float64)
+        stages = ("phase1",) if self.refiner is None else ("phase1", "final")
+        rows_out, p1_out, p2_out, conf_out = [], [], [], []
+        cand_out: dict[str, list] = {s: [] for s in stages}
         chunks = padded_chunks(table, batch_frames) if len(table) else []
         with _eval_mode(self.frame_encoder, self.refiner):
             for _, rows, pad in progress_bar(chunks, total=len(chunks), desc="inference", unit="batch", enabled=progress):
@@ -155,38 +252,95 @@ class Locator:
                 clip, dino, _ = source.gather(rows)  # (B, T, Dc), (B, T, Dd)
                 frame_emb = self.frame_encoder(clip, dino, pad)  # (B, T, D) unit
                 keep = ~pad
-                s1, i1 = self.index.search(frame_emb[keep].float(), k=k)  # (M, k) Phase I candidates, best first
+                q1 = frame_emb[keep].float()  # (M, D)
+                s1, i1 = self.index.search(q1, k=k_search)  # (M, k_search) Phase I candidates, best first
                 rows_out.append(rows[keep])
                 p1_out.append(i1[:, 0])
+                scale_km = self._step_scales(rows, ts, decode) if decode is not None else None  # (B, T)
+                answer = {}
                 if top_k:
-                    prob = torch.softmax(s1.float() * self.scale, dim=1)  # (M, k), as the confidence's
-                    cand_out.append((i1[:, :top_k], prob[:, :top_k]))
-                if self.refiner is None:  # Phase I only: its top-1 is the answer
-                    if confidence_radius_km is not None:
-                        conf_out.append(self._confidence(s1, i1, i1[:, 0], confidence_radius_km))
-                    continue
-                gps_emb = torch.zeros_like(frame_emb)
-                gps_emb[keep] = self.gallery_emb[i1[:, 0]].to(gps_emb.dtype)  # (M, D) -> (B, T, D)
-                refined = self.refiner(frame_emb, gps_emb, pad)  # (B, T, D) unit
-                _, i2 = self.index.search(F.normalize(refined[keep].float(), dim=-1), k=1)  # (M, 1)
-                p2_out.append(i2[:, 0])
+                    lat1 = self._lattice(q1, s1[:, :top_k], i1[:, :top_k], keep, scale_km, local, decode)
+                    cand_out["phase1"].append(lat1)
+                    answer["phase1"] = self._answer(lat1, confidence_decoded)
+                if self.refiner is not None:
+                    gps_emb = torch.zeros_like(frame_emb)
+                    gps_emb[keep] = self.gallery_emb[i1[:, 0]].to(gps_emb.dtype)  # (M, D) -> (B, T, D)
+                    refined = self.refiner(frame_emb, gps_emb, pad)  # (B, T, D) unit
+                    q2 = F.normalize(refined[keep].float(), dim=-1)  # (M, D)
+                    s2, i2 = self.index.search(q2, k=max(1, top_k))  # (M, K) GPS -> GPS candidates
+                    p2_out.append(i2[:, 0])
+                    if top_k:
+                        lat2 = self._lattice(q2, s2, i2, keep, scale_km, local, decode)
+                        cand_out["final"].append(lat2)
+                        answer["final"] = self._answer(lat2, confidence_decoded)
                 if confidence_radius_km is not None:
-                    conf_out.append(self._confidence(s1, i1, i2[:, 0], confidence_radius_km))
+                    stage = stages[-1]  # the answer: final, or Phase I for a Phase-I-only locator
+                    at = answer.get(stage)
+                    if at is None:
+                        at = self.gallery_latlon_t[(p2_out if stage == "final" else p1_out)[-1]]
+                    conf_out.append(self._confidence(s1[:, :k], i1[:, :k], at, confidence_radius_km))
 
         def cat(parts):
             return torch.cat(parts).cpu().numpy() if parts else np.zeros(0, np.int64)
-        cands = None
-        if top_k:
-            cands = (cat([i for i, _ in cand_out]).reshape(-1, top_k),
-                     cat([p for _, p in cand_out]).astype(np.float64).reshape(-1, top_k))
-        return Located(cat(rows_out), cat(p1_out), cat(p2_out) if self.refiner is not None else None,
-                       cat(conf_out).astype(np.float64) if conf_out else None, cands)
 
-    def _confidence(self, s1: torch.Tensor, i1: torch.Tensor, final: torch.Tensor, radius_km: float) -> torch.Tensor:
-        """Phase I softmax mass (M,) of the candidates within ``radius_km`` of each final prediction."""
+        candidates = {}
+        for stage in stages if top_k else ():
+            parts = cand_out[stage]
+
+            def part(j, tail, dtype):
+                return torch.cat([p[j] for p in parts]).cpu().numpy().astype(dtype) if parts else np.zeros((0, *tail), dtype)
+            candidates[stage] = Candidates(part(0, (top_k, 2), np.float64), part(1, (top_k,), np.float32),
+                                           part(2, (top_k,), np.float64), part(3, (top_k,), np.int64),
+                                           part(4, (), np.int64) if decode is not None else None)
+        return Located(cat(rows_out), cat(p1_out), cat(p2_out) if self.refiner is not None else None,
+                       cat(conf_out).astype(np.float64) if conf_out else None, candidates,
+                       local.n_embedded if local is not None else 0)
+
+    def _step_scales(self, rows: torch.Tensor, timestamp_s: np.ndarray | None, decode: DecodeConfig) -> torch.Tensor:
+        """Transition scale (B, T) km of each step between consecutive readable frames (vidtag.decode)."""
+        r = rows.cpu().numpy()  # (B, T) feature rows, -1 = pad (trailing)
+        both = (r[:, 1:] >= 0) & (r[:, :-1] >= 0)
+        n_steps = np.zeros(r.shape, np.int64)
+        n_steps[:, 1:] = np.where(both, r[:, 1:] - r[:, :-1], 0)  # frame steps spanned: > 1 across dropped frames
+        dt = np.full(r.shape, np.nan)
+        if timestamp_s is not None:
+            cur, prev = np.clip(r[:, 1:], 0, None), np.clip(r[:, :-1], 0, None)
+            dt[:, 1:] = np.where(both, timestamp_s[cur] - timestamp_s[prev], np.nan)
+        try:
+            return torch.from_numpy(transition_scales_km(dt, n_steps, decode)).to(self.device)
+        except DecodeError as e:
+            raise InferenceError(str(e)) from None
+
+    def _lattice(self, query, score, index, keep, scale_km, local: LocalRefiner | None, decode: DecodeConfig | None):
+        """(latlon (M, K, 2), score (M, K), prob (M, K), index (M, K), path (M,) | None) of one retrieval's candidates."""
+        latlon = self.gallery_latlon_t[index]  # (M, K, 2)
+        if local is not None:
+            latlon, score, index = (x.to(self.device) for x in local.refine(query, latlon, score, index))
+        log_p = emissions_from_scores(score, self.logit_scale)  # (M, K) float64, the model's temperature
+        path = None
+        if decode is not None:
+            b, t = keep.shape
+            kk = score.shape[1]
+            log_e = log_p.new_zeros(b, t, kk)
+            log_e[keep] = log_p  # (M, K) -> (B, T, K)
+            cand = latlon.new_zeros(b, t, kk, 2)
+            cand[keep] = latlon  # (M, K, 2) -> (B, T, K, 2)
+            path = viterbi(log_e, cand, ~keep, scale_km=scale_km, transition_weight=decode.transition_weight,
+                           min_scale_km=decode.min_scale_km, free_scales=decode.free_scales).index[keep]  # (M,)
+        return latlon, score, log_p.exp(), index, path
+
+    @staticmethod
+    def _answer(lattice, decoded: bool) -> torch.Tensor:
+        """(M, 2) the lattice's answer: the decoded path's candidate, else the best one."""
+        latlon, path = lattice[0], lattice[4]
+        col = path if decoded and path is not None else torch.zeros(len(latlon), dtype=torch.long, device=latlon.device)
+        return latlon[torch.arange(len(latlon), device=latlon.device), col]
+
+    def _confidence(self, s1: torch.Tensor, i1: torch.Tensor, at: torch.Tensor, radius_km: float) -> torch.Tensor:
+        """Phase I softmax mass (M,) of the candidates within ``radius_km`` of each answer ``at`` (M, 2) degrees."""
         prob = torch.softmax(s1.float() * self.scale, dim=1)  # (M, k)
         cand = self.gallery_latlon_t[i1]  # (M, k, 2)
-        at = self.gallery_latlon_t[final][:, None, :]  # (M, 1, 2)
+        at = at.to(cand.dtype)[:, None, :]  # (M, 1, 2)
         near = haversine_km_torch(at[..., 0], at[..., 1], cand[..., 0], cand[..., 1]) <= radius_km  # (M, k)
         return (prob * near).sum(dim=1).clamp(0.0, 1.0)
 
@@ -257,6 +411,63 @@ def check_features(bundle, clip, dino, valid, offsets: np.ndarray, sequence_ids)
     return valid, offsets, ids
 
 
+def check_timestamps(timestamps_s, n: int, offsets: np.ndarray) -> np.ndarray | None:
+    """(N,) float64 seconds (NaN = unknown) or None; refuses a wrong length and time running backwards in a sequence."""
+    if timestamps_s is None:
+        return None
+    ts = np.asarray(timestamps_s, dtype=np.float64)
+    if ts.shape != (n,):
+        raise InferenceError(f"timestamps_s must have one value per frame ({n}); found shape {ts.shape}")
+    if np.isinf(ts).any():
+        raise InferenceError("timestamps_s must be finite seconds (NaN = unknown)")
+    same_seq = np.ones(max(n - 1, 0), bool)
+    inner = offsets[1:-1]
+    same_seq[inner[(inner > 0) & (inner < n)] - 1] = False
+    back = same_seq & (np.diff(ts) < 0)  # NaN compares False: unknown times are never "backwards"
+    if back.any():
+        row = int(np.flatnonzero(back)[0]) + 1
+        raise InferenceError(f"timestamps_s go backwards at frame row {row} ({ts[row - 1]} -> {ts[row]} s); frames must be in time order")
+    return ts
+
+
+def locate_sequences(
+    bundle,
+    clip: np.ndarray,
+    dino: np.ndarray,
+    valid: np.ndarray | None,
+    sequence_offsets: np.ndarray,
+    gallery: np.ndarray | None = None,
+    *,
+    sequence_ids=None,
+    timestamps_s: np.ndarray | None = None,
+    gallery_emb: np.ndarray | None = None,
+    cache_dir: str | Path | None = None,
+    cfg: InferenceConfig = InferenceConfig(),
+    device: str | torch.device | None = "auto",
+    progress: bool = False,
+    top_k: int = 0,
+    always_decode: bool = False,
+) -> tuple[Located, np.ndarray]:
+    """Fig. 5 (with ``cfg``'s decoding and refinement) for every frame: (Located over input rows, gallery (G, 2)).
+
+    Inputs as :func:`predict_sequences`. Candidates are kept when ``cfg`` decodes or refines (``cfg.top_k``)
+    or ``top_k`` > 0 asks for them; ``always_decode`` runs Viterbi even when ``cfg.decode`` is argmax, so
+    both answers can be compared (the confidence still follows ``cfg.decode``).
+    """
+    dev = resolve_device(device)
+    valid, offsets, ids = check_features(bundle, clip, dino, valid, sequence_offsets, sequence_ids)
+    ts = check_timestamps(timestamps_s, len(valid), offsets)
+    locator = Locator.for_bundle(bundle, gallery, gallery_emb=gallery_emb, cache_dir=cache_dir, cfg=cfg, device=dev)
+    table = sequences_from_offsets(offsets, valid, ids)
+    source = FeatureTensors.from_frames(np.asarray(clip), np.asarray(dino), dev)
+    decoding = cfg.decode == "viterbi" or always_decode
+    lattice_k = max(cfg.top_k if (decoding or cfg.refine) else 0, int(top_k))
+    found = locator.locate(source, table, k=cfg.k, batch_frames=cfg.batch_frames, confidence_radius_km=cfg.confidence_radius_km,
+                           progress=progress, top_k=lattice_k, decode=cfg.decode_config() if decoding else None,
+                           refine=cfg.refine_config(), timestamp_s=ts, confidence_decoded=cfg.decode == "viterbi")
+    return found, locator.gallery_latlon
+
+
 def predict_sequences(
     bundle,
     clip: np.ndarray,
@@ -266,6 +477,7 @@ def predict_sequences(
     gallery: np.ndarray | None = None,
     *,
     sequence_ids=None,
+    timestamps_s: np.ndarray | None = None,
     gallery_emb: np.ndarray | None = None,
     cache_dir: str | Path | None = None,
     cfg: InferenceConfig = InferenceConfig(),
@@ -278,50 +490,56 @@ def predict_sequences(
     clip (N, Dc), dino (N, Dd): features of N frames, sequences stored contiguously in time order; they are
     held as float16 on the device, as in the feature store, so the model sees what training saw.
     ``sequence_offsets`` (S + 1,): sequence s is rows ``offsets[s]:offsets[s+1]``; ``valid`` (N,) bool
-    (None = all valid). ``gallery`` (G, 2) degrees defaults to the bundle's; ``gallery_emb`` its
-    unit-norm embeddings (else embedded and cached under ``cache_dir``). Returns one row per frame,
-    in input order: sequence_id, frame_index, lat, lon, phase1_lat, phase1_lon, confidence, valid; with
-    ``top_k`` > 0 also ``candidates``, each frame's Phase I top-K (see :func:`candidates_column`).
+    (None = all valid); ``timestamps_s`` (N,) seconds (NaN = unknown; None = none known) set the temporal
+    decoder's transitions (``cfg.decode = "viterbi"``; without them it needs ``cfg.step_km``).
+    ``gallery`` (G, 2) degrees defaults to the bundle's; ``gallery_emb`` its unit-norm embeddings (else
+    embedded and cached under ``cache_dir``). Returns one row per frame, in input order: sequence_id,
+    frame_index, lat, lon, phase1_lat, phase1_lon, confidence, valid; with ``top_k`` > 0 also
+    ``candidates``, each frame's Phase I top-K (see :func:`candidates_column`).
     """
-    dev = resolve_device(device)
+    found, gallery = locate_sequences(bundle, clip, dino, valid, sequence_offsets, gallery, sequence_ids=sequence_ids,
+                                      timestamps_s=timestamps_s, gallery_emb=gallery_emb, cache_dir=cache_dir, cfg=cfg,
+                                      device=device, progress=progress, top_k=top_k)
     valid, offsets, ids = check_features(bundle, clip, dino, valid, sequence_offsets, sequence_ids)
-    locator = Locator.for_bundle(bundle, gallery, gallery_emb=gallery_emb, cache_dir=cache_dir, cfg=cfg, device=dev)
-    table = sequences_from_offsets(offsets, valid, ids)
-    source = FeatureTensors.from_frames(np.asarray(clip), np.asarray(dino), dev)
-    found = locator.locate(source, table, k=cfg.k, batch_frames=cfg.batch_frames,
-                           confidence_radius_km=cfg.confidence_radius_km, progress=progress, top_k=top_k)
-    out = frame_table(found, locator.gallery_latlon, valid, offsets, ids)
-    return out.with_columns(candidates_column(found, locator.gallery_latlon, len(valid))) if top_k else out
+    out = frame_table(found, gallery, valid, offsets, ids, decoded=cfg.decode == "viterbi")
+    return out.with_columns(candidates_column(found, len(valid), k=top_k)) if top_k else out
 
 
-def candidates_column(found: Located, gallery: np.ndarray, n: int) -> pl.Series:
-    """``candidates`` (n,): per frame a list of ``{rank, lat, lon, score}``, rank 1 = the Phase I top-1, score its
-    probability (:attr:`Located.candidates`); empty for a frame the model did not see (unreadable)."""
-    idx, prob = found.candidates  # (M, K), (M, K)
-    k = idx.shape[1]
+def candidates_column(found: Located, n: int, *, stage: str = "phase1", k: int | None = None) -> pl.Series:
+    """``candidates`` (n,): per frame a list of ``{rank, lat, lon, score}`` from ``stage``'s candidates
+    (:attr:`Located.candidates`; refined where refinement ran), rank 1 = the best, score its probability
+    over the frame's K candidates; the first ``k`` (None = all); empty for a frame the model did not see."""
+    cands = found.candidates.get(stage)
+    if cands is None:
+        raise InferenceError(f"no {stage!r} candidates were kept; locate with top_k >= 1")
+    kk = cands.prob.shape[1] if k is None else min(int(k), cands.prob.shape[1])
     per_frame: list[list[dict]] = [[] for _ in range(n)]
-    lat, lon = gallery[idx, 0], gallery[idx, 1]  # (M, K) each
-    for row, la, lo, p in zip(found.rows.tolist(), lat.tolist(), lon.tolist(), prob.tolist()):
-        per_frame[row] = [{"rank": r + 1, "lat": la[r], "lon": lo[r], "score": p[r]} for r in range(k)]
+    lat, lon = cands.latlon[:, :kk, 0], cands.latlon[:, :kk, 1]  # (M, k) each
+    for row, la, lo, p in zip(found.rows.tolist(), lat.tolist(), lon.tolist(), cands.prob[:, :kk].tolist()):
+        per_frame[row] = [{"rank": r + 1, "lat": la[r], "lon": lo[r], "score": p[r]} for r in range(kk)]
     dtype = pl.List(pl.Struct({"rank": pl.Int32, "lat": pl.Float64, "lon": pl.Float64, "score": pl.Float64}))
     return pl.Series("candidates", per_frame, dtype=dtype)
 
 
-def frame_table(found: Located, gallery: np.ndarray, valid: np.ndarray, offsets: np.ndarray, sequence_ids: list[str]) -> pl.DataFrame:
-    """One row per frame (``OUTPUT_COLUMNS``) from Fig. 5's answer; dropped frames take their nearest readable neighbour's."""
+def frame_table(found: Located, gallery: np.ndarray, valid: np.ndarray, offsets: np.ndarray, sequence_ids: list[str],
+                *, decoded: bool = True) -> pl.DataFrame:
+    """One row per frame (``OUTPUT_COLUMNS``) from the located answers (:meth:`Located.latlon`: decoded where
+    decoding ran and ``decoded``, else the best candidate); dropped frames take their nearest readable neighbour's."""
     n = len(valid)
-    p1_idx = np.full(n, -1, np.int64)
-    p2_idx = np.full(n, -1, np.int64)
+    p1 = np.full((n, 2), np.nan)
+    p2 = np.full((n, 2), np.nan)
+    seen = np.zeros(n, bool)
     conf = np.zeros(n, np.float64)
-    p1_idx[found.rows] = found.phase1
-    p2_idx[found.rows] = found.final if found.final is not None else found.phase1
+    seen[found.rows] = True
+    p1[found.rows] = found.latlon("phase1", gallery, decoded)
+    p2[found.rows] = found.latlon("final" if found.final is not None else "phase1", gallery, decoded)
     if found.confidence is not None:
         conf[found.rows] = found.confidence
-    src = fill_from_nearest_valid(p2_idx >= 0, offsets)
+    src = fill_from_nearest_valid(seen, offsets)
     has = src >= 0
     lat, lon, p1_lat, p1_lon = (np.full(n, np.nan) for _ in range(4))
-    lat[has], lon[has] = gallery[p2_idx[src[has]]].T
-    p1_lat[has], p1_lon[has] = gallery[p1_idx[src[has]]].T
+    lat[has], lon[has] = p2[src[has]].T
+    p1_lat[has], p1_lon[has] = p1[src[has]].T
     conf = np.where(valid & has, np.clip(conf, 0.0, 1.0), 0.0)
     lengths = np.diff(offsets)
     seq_col = np.repeat(np.asarray(sequence_ids, dtype=object), lengths)
