@@ -123,7 +123,7 @@ def test_missing_local_dino_dir_names_it(tmp_path):
     with pytest.raises(BackboneError) as err:
         backbones._build_dino(BackboneConfig(preset="real", dino_name=str(tmp_path / "no-dinov2")))
     msg = str(err.value)
-    assert str(tmp_path / "no-dinov2") in msg and "backbone.dino.name" in msg and "preset=tiny" in msg
+    assert str(tmp_path / "no-dinov2") in msg and "backbone.dino.name" in msg
     assert "\n" not in msg and err.value.__context__ is None  # one clear line, no traceback soup
 
 
@@ -178,7 +178,7 @@ def test_missing_clip_tag_weights_say_which_file_and_how_to_fetch_it_at_once(emp
     assert time.perf_counter() - t0 < 5  # no hub call, no network timeout
     assert f"open_clip_model.safetensors in {empty_hf_cache / 'models--timm--vit_large_patch14_clip_224.openai'}" in msg
     assert "`hf download timm/vit_large_patch14_clip_224.openai open_clip_model.safetensors`" in msg
-    assert "HF_HOME" in msg and "preset=tiny" in msg
+    assert "HF_HOME" in msg
     assert "\n" not in msg and err.value.__context__ is None
 
 

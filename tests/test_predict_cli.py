@@ -48,7 +48,8 @@ def test_predict_video_writes_csv_and_png_map(tmp_path, model_dir):
     r = run(video, "--model", model_dir, "--out", out, "--map", png, "--fps", 2, "--cache-dir", tmp_path / "cache")
     assert r.exit_code == 0, r.output
     df = pl.read_csv(out)
-    assert df.columns == ["frame_index", "timestamp_s", "lat", "lon", "phase1_lat", "phase1_lon", "confidence", "valid"]
+    assert df.columns == ["frame_index", "timestamp_s", "lat", "lon", "phase1_lat", "phase1_lon", "confidence", "valid",
+                          "place", "admin1", "country_code", "place_distance_km"]
     assert df["frame_index"].to_list() == list(range(6))
     np.testing.assert_allclose(df["timestamp_s"], np.arange(6) / 2, atol=1e-6)  # frames at 0, 0.5, ... 2.5 s
     assert df["valid"].all() and df["lat"].is_not_null().all()

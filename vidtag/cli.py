@@ -402,47 +402,85 @@ def gallery_show(path: _Path = typer.Argument(..., help="Gallery parquet (from `
     typer.echo(json.dumps(meta, indent=2, sort_keys=True))
 
 
-# --- predict (vidtag.predict) ------------------------------------------------------------------
+# --- predict (vidtag.api) ----------------------------------------------------------------------
 
 
 def _default_cache_dir():
-    import os
-    from pathlib import Path
+    from vidtag.api import default_cache_dir
 
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vidtag"
+    return default_cache_dir()
 
 
 @app.command()
 def predict(
-    input: _Path = typer.Argument(..., callback=_predict_input, help="A video file (mp4/mov/avi/mkv) or a folder of frames in natural order."),
-    model: _Path = typer.Option(..., "--model", "-m", help="Model bundle directory (e.g. cache/model)."),
-    out: _Path = typer.Option(..., "--out", "-o", callback=_predict_out, help="CSV to write: frame_index,timestamp_s,lat,lon,phase1_lat,phase1_lon,confidence,valid."),
+    input: _Path = typer.Argument(..., callback=_predict_input, help="A video file (mp4/mov/mkv/avi/webm/m4v), an image, a folder of frames "
+                                            "(natural order), or a folder of videos (one output each). A folder is "
+                                            "judged by its files: only images = frames, only videos = videos."),
+    model: str = typer.Option(..., "--model", "-m", help="'geoclip' (built in: GeoCLIP zero-shot, worldwide, no "
+                                                        "training; needs CLIP ViT-L/14, see `vidtag weights`) or a model "
+                                                        "bundle directory (e.g. cache/model)."),
+    out: _Path = typer.Option(..., "--out", "-o", callback=_predict_out, help="Output file, format by extension: .csv, .parquet, .geojson, "
+                                                      ".gpx. For a folder of videos: a folder, one <video>.<format> each."),
+    fmt: str = typer.Option("csv", "--format", help="Folder of videos: each output's format (csv, parquet, geojson, gpx)."),
+    top_k: int = typer.Option(0, "--top-k", help="Also write each frame's K best candidates with scores (a long "
+                                                "table <out>.candidates.csv/.parquet; inside GeoJSON)."),
+    gallery: _Opt[_Path] = typer.Option(None, "--gallery", help="Retrieve from this gallery instead of the model's: "
+                                                               "parquet or CSV with lat, lon columns."),
+    decode: _Opt[str] = typer.Option(None, "--decode", help="argmax (each frame on its own, Fig. 5) or viterbi (the "
+                                                           "jointly best path over the candidates) [default: argmax]."),
+    places: bool = typer.Option(True, help="Name each prediction's nearest place (city, admin region, country code), offline."),
+    start_time: _Opt[str] = typer.Option(None, "--start-time", help="GPX: clock time of the first frame, ISO 8601 "
+                                                                   "(e.g. 2024-05-01T12:00:00Z) [default: 1970-01-01T00:00:00Z = elapsed time]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Folder of videos: redo outputs that exist (by default "
+                                                             "they are skipped, so an interrupted run resumes)."),
     map_path: _Opt[_Path] = typer.Option(None, "--map", callback=_map_file, help="Also draw the trajectory: a PNG, or an interactive map if it ends in .html."),
-    fps: float = typer.Option(1.0, callback=_check_fps, help="Frames sampled per second of video (ignored for a folder)."),
+    fps: float = typer.Option(1.0, callback=_check_fps, help="Frames sampled per second of video (ignored for frames and images)."),
     device: str = _DEVICE,
     batch_size: int = typer.Option(32, min=1, help="Frames per backbone forward pass."),
-    cache_dir: _Opt[_Path] = typer.Option(None, help="Where gallery embeddings are cached [default: $XDG_CACHE_HOME/vidtag]."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
+    cache_dir: _Opt[_Path] = typer.Option(None, help="Where gallery embeddings and built-in models are cached [default: $XDG_CACHE_HOME/vidtag]."),
+    progress: bool = typer.Option(True, help="Show progress."),
 ) -> None:
-    """Geolocate every frame of a video (or a folder of frames) with a trained model bundle."""
+    """Geolocate every frame of a video (or frames, or a folder of videos): the same table as vidtag.load_model(...).predict."""
     import time
 
-    from vidtag.device import resolve_device
-    from vidtag.io import atomic_path
-    from vidtag.models.bundle import load_bundle
-    from vidtag.predict import predict_input
+    from vidtag.api import FORMATS, input_kind, list_videos, load_model, write_output
+    from vidtag.outputs import candidates_path, output_format
 
     if fps <= 0:
         fail(f"--fps must be > 0, got {fps}")
-    if not input.exists():
-        fail(f"{input} does not exist; expected a video file or a folder of frames")
+    if top_k < 0:
+        fail(f"--top-k must be >= 0, got {top_k}")
     t0 = time.perf_counter()
-    dev = resolve_device(device)
-    bundle = load_bundle(model, dev)
-    df = predict_input(input, bundle, fps=fps, device=dev, batch_size=batch_size,
-                       cache_dir=cache_dir or _default_cache_dir(), progress=progress)
-    with atomic_path(out) as tmp:
-        df.write_csv(tmp, float_precision=7)
+    kind = input_kind(input)  # refuses a missing input or an ambiguous folder before anything loads
+    if kind == "videos":
+        if fmt not in FORMATS:
+            fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        if out.exists() and not out.is_dir():
+            fail(f"{input} is a folder of videos, so --out must be a folder (one {fmt} per video); {out} is a file")
+        if map_path is not None:
+            fail("--map draws one input; for a folder of videos, draw each output with its own command")
+        videos = list_videos(input)
+        outs = [out / f"{v.stem}.{fmt}" for v in videos]
+        if len(set(outs)) != len(outs):
+            dup = next(o for o in outs if outs.count(o) > 1)
+            fail(f"two videos in {input} would both write {dup}; rename one")
+        m = load_model(model, device=device, cache_dir=cache_dir, gallery=gallery)
+
+        def event(what, inp, detail):
+            if what == "failed":
+                typer.secho(f"failed {inp.name}: {detail}", err=True, fg=typer.colors.RED)
+
+        res = m.predict_many(videos, outs, top_k=top_k, decode=decode, fps=fps, places=places, batch_size=batch_size,
+                             overwrite=overwrite, progress=progress, start_time=start_time, on_event=event)
+        typer.echo(f"{len(videos)} videos -> {out}: {len(res.written)} written, {len(res.skipped)} already done, "
+                   f"{len(res.failed)} failed in {time.perf_counter() - t0:.1f} s")
+        if res.failed:
+            raise typer.Exit(1)
+        return
+    output_format(out)  # an unsupported extension fails now, not after the work
+    m = load_model(model, device=device, cache_dir=cache_dir, gallery=gallery)
+    df = m.predict(input, top_k=top_k, decode=decode, fps=fps, places=places, batch_size=batch_size, progress=progress)
+    write_output(df, out, start_time=start_time)
     if map_path is not None:
         from vidtag.viz import trajectory_map
 
@@ -452,8 +490,33 @@ def predict(
         except ValueError as e:
             fail(f"could not draw {map_path}: {e}")
     n_bad = int((~df["valid"]).sum())
-    typer.echo(f"{df.height} frames ({n_bad} unreadable) -> {out}" + (f", map {map_path}" if map_path else "")
+    side = candidates_path(out) if top_k else None
+    typer.echo(f"{df.height} frames ({n_bad} unreadable) -> {out}" + (f" (+ {side.name})" if side else "")
+               + (f", map {map_path}" if map_path else "")
                + f" in {time.perf_counter() - t0:.1f} s; median confidence {df['confidence'].median():.2f}")
+
+
+@app.command()
+def weights(
+    clip_arch: str = typer.Option("ViT-L-14", help="open_clip architecture to look for."),
+    clip_pretrained: str = typer.Option("openai", help="open_clip pretrained tag (or a checkpoint file)."),
+    dino_name: str = typer.Option("facebook/dinov2-large", help="DINOv2 Hugging Face id or local directory."),
+) -> None:
+    """List the pretrained weights vidtag reads, where each was found, and the command that fetches what is missing."""
+    from vidtag.api import weights_status
+    from vidtag.features.backbones import hf_hub_cache_dir
+
+    typer.echo(f"Hugging Face cache: {hf_hub_cache_dir()} (HF_HUB_CACHE, else HF_HOME/hub)")
+    rows = weights_status(clip_arch, clip_pretrained, dino_name)
+    for w in rows:
+        if w.path is not None:
+            typer.echo(f"found    {w.what}: {w.path}  [used by {w.used_by}]")
+        else:
+            typer.echo(f"MISSING  {w.what}: expected {w.expected}  [used by {w.used_by}]")
+            typer.echo(f"         fetch on a connected machine: {w.fetch}")
+    missing = sum(w.path is None for w in rows)
+    typer.echo(f"{len(rows) - missing} found, {missing} missing" + (
+        "; copy fetched Hugging Face folders (models--*) into the cache above" if missing else ""))
 
 
 # --- evaluate your own annotated videos or frames (vidtag.evaluate_manifest) --------------------

@@ -269,7 +269,7 @@ def _build_clip(cfg: BackboneConfig) -> tuple[nn.Module, dict[str, Any], str]:
         else:
             found = clip_weights_file(cfg.clip_arch, pretrained)
             if found.path is None:
-                raise BackboneError(f"{found.missing_message()}; for a demo without weights use backbone.preset=tiny")
+                raise BackboneError(found.missing_message())
             file, tag_cfg = str(found.path), found.preprocess
         try:
             # A local file, never a tag: open_clip would ask the hub first. The tag's own preprocessing is
@@ -308,7 +308,7 @@ def _build_dino(cfg: BackboneConfig) -> tuple[nn.Module, dict[str, Any], str]:
         found = dino_weights_dir(cfg.dino_name)
         if found.path is None:
             raise BackboneError(f"{found.missing_message()}, or set backbone.dino.name to a local directory holding "
-                                f"{', '.join(DINO_FILES)}; for a demo without weights use backbone.preset=tiny")
+                                f"{', '.join(DINO_FILES)}")
         try:
             # float32 whatever the file holds: transformers 5 would otherwise keep the file's dtype ("auto").
             model = Dinov2Model.from_pretrained(str(found.path), local_files_only=True, attn_implementation="sdpa",

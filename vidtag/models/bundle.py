@@ -3,6 +3,10 @@
 Files: ``model.safetensors`` (all weights, keys prefixed ``frame_encoder.``, ``location_encoder.``,
 ``refiner.``, plus ``logit_scale``), ``config.json`` (model config, backbone config from the feature
 store, feature dims, gallery file name + sha256, model sha256) and ``gallery.parquet`` (a copy).
+
+``config.json``'s ``kind`` names the model family (absent = ``vidtag``): ``vidtag`` is the paper's model
+(TempGeo frame encoder, location encoder, GeoRefiner); ``geoclip`` is GeoCLIP zero-shot
+(:mod:`vidtag.models.geoclip_model`: per-frame image head, no refiner, so inference stops after Phase I).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from vidtag.models.location_encoder import LocationEncoder
 from vidtag.seeding import seeded
 
 BUNDLE_FORMAT = 1
+KINDS = ("vidtag", "geoclip")  # config.json "kind"; absent = "vidtag" (bundles written before kinds existed)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 GALLERY_FILE = "gallery.parquet"
@@ -33,17 +38,54 @@ GALLERY_FILE = "gallery.parquet"
 
 @dataclass
 class Bundle:
-    frame_encoder: FrameEncoder
+    frame_encoder: FrameEncoder  # or GeoCLIPFrameEncoder (kind geoclip): same call, (B, T, Dc), (B, T, Dd) -> (B, T, 512)
     location_encoder: LocationEncoder
-    refiner: GeoRefiner
+    refiner: GeoRefiner | None  # None: Fig. 5 stops after Phase I (kind geoclip)
     logit_scale: torch.Tensor  # scalar, log of the Phase I temperature
     config: dict[str, Any]  # config.json: "model" (VidTAGConfig dict), "backbones", "feature_dims", ...
     gallery_path: Path
 
+    @property
+    def kind(self) -> str:
+        return bundle_kind(self.config)
+
     def eval(self) -> Bundle:
         for m in (self.frame_encoder, self.location_encoder, self.refiner):
-            m.eval()
+            if m is not None:
+                m.eval()
         return self
+
+
+def bundle_kind(config: dict[str, Any], where: str = "config.json") -> str:
+    kind = config.get("kind", "vidtag")
+    if kind not in KINDS:
+        raise BundleError(f"{where}: kind {kind!r} is not one of {KINDS}; the bundle was written by a newer vidtag?")
+    return kind
+
+
+def normalise_model_config(kind: str, model: dict[str, Any]) -> dict[str, Any]:
+    """config.json's ``model`` validated and with every default filled in, for a bundle of ``kind``."""
+    if kind == "vidtag":
+        return VidTAGConfig.from_dict(model).to_dict()
+    from dataclasses import asdict
+
+    from vidtag.models.config import LocationEncoderConfig, build_config
+    from vidtag.models.geoclip_model import GeoCLIPFrameConfig
+
+    unknown = sorted(set(model) - {"frame", "location"})
+    if unknown:
+        raise BundleError(f"geoclip model config: unknown key(s) {unknown}; expected frame, location")
+    return {"frame": asdict(GeoCLIPFrameConfig.from_dict(model.get("frame") or {})),
+            "location": asdict(build_config(LocationEncoderConfig, model.get("location")))}
+
+
+def _build_for_kind(kind: str, model: dict[str, Any]):
+    """(frame encoder, location encoder, refiner or None) of the bundle's architecture, weights to be loaded."""
+    if kind == "geoclip":
+        from vidtag.models.geoclip_model import build_modules
+
+        return build_modules(model)
+    return build_models(VidTAGConfig.from_dict(model))
 
 
 def build_models(cfg: VidTAGConfig, seed: int = 0, location_init: str = "random") -> tuple[FrameEncoder, LocationEncoder, GeoRefiner]:
@@ -75,7 +117,8 @@ def assemble_bundle(frame_encoder: FrameEncoder, location_encoder: LocationEncod
 def bundle_state_dict(bundle: Bundle) -> dict[str, torch.Tensor]:
     state = {"logit_scale": bundle.logit_scale.detach().reshape(())}
     for prefix, module in (("frame_encoder", bundle.frame_encoder), ("location_encoder", bundle.location_encoder), ("refiner", bundle.refiner)):
-        state.update({f"{prefix}.{k}": v.detach() for k, v in module.state_dict().items()})
+        if module is not None:
+            state.update({f"{prefix}.{k}": v.detach() for k, v in module.state_dict().items()})
     return {k: v.cpu().contiguous() for k, v in state.items()}
 
 
@@ -92,7 +135,7 @@ def save_bundle(directory: str | Path, bundle: Bundle) -> Path:
         config = dict(bundle.config)
         config.update(
             format_version=BUNDLE_FORMAT,
-            model=VidTAGConfig.from_dict(config["model"]).to_dict(),  # validates and normalises
+            model=normalise_model_config(bundle_kind(config, "bundle config"), config["model"]),  # validates and normalises
             weights_file=WEIGHTS_FILE,
             model_sha256=sha256_file(tmp / WEIGHTS_FILE),
             gallery={"file": GALLERY_FILE, "source": str(gallery_src), "sha256": sha256_file(tmp / GALLERY_FILE)},
@@ -114,10 +157,12 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bu
         found = sha256_file(directory / file)
         if found != key:
             raise BundleError(f"{directory / file}: sha256 {found[:12]}... does not match config.json ({str(key)[:12]}...); the {name} were changed after the bundle was written")
-    cfg = VidTAGConfig.from_dict(config["model"])
-    frame, loc, refiner = build_models(cfg)  # random init, replaced by the saved weights below
+    kind = bundle_kind(config, str(directory / CONFIG_FILE))
+    frame, loc, refiner = _build_for_kind(kind, config["model"])  # random init, replaced by the saved weights below
     state = load_file(directory / WEIGHTS_FILE, device="cpu")
     for prefix, module in (("frame_encoder", frame), ("location_encoder", loc), ("refiner", refiner)):
+        if module is None:
+            continue
         part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
         try:
             module.load_state_dict(part, strict=True)
@@ -125,5 +170,6 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bu
             raise BundleError(f"{directory / WEIGHTS_FILE}: {prefix} weights do not match config.json's architecture: {str(e).splitlines()[0]}") from None
     if "logit_scale" not in state:
         raise BundleError(f"{directory / WEIGHTS_FILE}: no logit_scale tensor")
-    bundle = Bundle(frame.to(device), loc.to(device), refiner.to(device), state["logit_scale"].to(device), config, directory / GALLERY_FILE)
+    bundle = Bundle(frame.to(device), loc.to(device), refiner.to(device) if refiner is not None else None,
+                    state["logit_scale"].to(device), config, directory / GALLERY_FILE)
     return bundle.eval()
