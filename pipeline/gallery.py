@@ -1,4 +1,5 @@
-"""`gallery` stage: params ``gallery`` + the manifest's training split -> the GPS gallery parquet."""
+"""`gallery` stage: params ``gallery`` + the manifest's training split -> the GPS gallery parquet
+(``kind: world`` needs no manifest rows: a land-only grid over the Earth)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def main() -> None:
         g["splits"] = tuple(g["splits"])
     df, meta = build_gallery(m.df, kind, manifest_fingerprint=manifest_fingerprint(m.df), **g)
     write_gallery(df, meta, args.out)
-    print(f"gallery: {df.height} points, kind={kind}, regions={len(meta['regions'])}")
+    where = "land worldwide" if kind == "world" else f"regions={len(meta['regions'])}"
+    print(f"gallery: {df.height} points, kind={kind}, {where}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 
 from vidtag.gallery import GalleryError, build_gallery, cluster_regions, grid_points, read_gallery, write_gallery
-from vidtag.geo import BBox, haversine_km, offset_km
+from vidtag.geo import KM_PER_DEG_LAT, BBox, haversine_km, offset_km
 
 
 def _manifest(lat, lon, split="train", city=None):
@@ -89,3 +89,50 @@ def test_read_gallery_refuses_bad_coordinates(tmp_path):
 def test_geoclip_gallery():
     df, meta = build_gallery(None, "geoclip100k")
     assert df.height == 100_000 and df["lat"].abs().max() <= 90
+
+
+# --- world: a land-only grid over the Earth (beyond the paper) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def world_200km():
+    return build_gallery(None, "world", resolution_km=200.0)
+
+
+def test_world_gallery_is_land_only_with_km_spacing(world_200km):
+    from global_land_mask import globe
+
+    df, meta = world_200km
+    lat, lon = df["lat"].to_numpy(), df["lon"].to_numpy()
+    assert meta["kind"] == "world" and meta["resolution_km"] == 200.0 and meta["n_points"] == df.height
+    assert globe.is_land(lat, lon).all()  # only land, by the mask the package ships
+    assert (np.abs(lat) <= 90).all() and (lon >= -180).all() and (lon < 180).all()
+    # ~30 % of the Earth's surface, one point per 200 x 200 km cell
+    assert df.height == pytest.approx(4 * np.pi * 6371.0**2 * 0.29 / 200.0**2, rel=0.15)
+    # Neighbours along a parallel and across rows are 200 km apart, at any latitude.
+    rows = np.unique(lat)
+    row_steps = np.diff(rows) * KM_PER_DEG_LAT / 200.0  # rows with no land (Southern Ocean) leave gaps
+    assert row_steps.min() == pytest.approx(1.0, rel=1e-6) and np.abs(row_steps - row_steps.round()).max() < 1e-6
+    for r in rows[[len(rows) // 4, len(rows) // 2, 3 * len(rows) // 4]]:
+        lo = np.sort(lon[lat == r])
+        steps = haversine_km(r, lo[:-1], r, lo[1:])
+        assert steps.min() == pytest.approx(200.0, rel=1e-3)
+    # Every land city has a gallery point within a cell's diagonal; the open ocean has none.
+    for city in [(48.86, 2.35), (-33.87, 151.21), (35.68, 139.69), (-1.29, 36.82), (40.71, -74.01)]:
+        assert haversine_km(*city, lat, lon).min() < 200.0 * np.sqrt(2)
+    assert haversine_km(-30.0, -20.0, lat, lon).min() > 500.0  # the South Atlantic
+
+
+def test_world_gallery_is_reproducible_and_refuses_a_too_fine_grid(world_200km, tmp_path):
+    df, meta = world_200km
+    again, meta2 = build_gallery(None, "world", resolution_km=200.0)
+    assert again.equals(df) and meta2["fingerprint"] == meta["fingerprint"]
+    write_gallery(df, meta, tmp_path / "world.parquet")
+    back, back_meta = read_gallery(tmp_path / "world.parquet")
+    assert back.equals(df) and back_meta["kind"] == "world"
+    from vidtag.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="resolution_km >="):
+        build_gallery(None, "world", resolution_km=0.5)
+    with pytest.raises(ConfigError, match="resolution_km"):
+        build_gallery(None, "world", resolution_km=0.0)

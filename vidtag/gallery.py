@@ -1,5 +1,8 @@
 """GPS galleries to retrieve from (paper App. D): a uniform grid over training regions, city centres,
 or GeoCLIP's shipped 100K points. Built from the training split only, so retrieval stays blind to val.
+Beyond the paper, ``world``: a land-only grid over the whole Earth, for a model that was not trained on
+one region (zero-shot, several datasets); at a coarse resolution, with local refinement
+(``vidtag.refine``) for precision.
 
 Gallery file: parquet with ``lat, lon`` (float64) and optional ``label``; parquet metadata key
 ``vidtag.gallery`` holds JSON: kind, regions, resolution_km, padding_km, the other build parameters,
@@ -22,8 +25,11 @@ from vidtag.geo import (KM_PER_DEG_LAT, EARTH_RADIUS_KM, BBox, bounding_box, che
                         wrap_lon)
 from vidtag.io import read_parquet_metadata, write_parquet_atomic
 
-KINDS = ("grid", "city_centres", "geoclip100k")
+KINDS = ("grid", "city_centres", "geoclip100k", "world")
 META_KEY = "vidtag.gallery"
+EARTH_AREA_KM2 = 4 * np.pi * EARTH_RADIUS_KM**2
+LAND_FRACTION = 0.30  # of the Earth's surface, Antarctica included: the world gallery's expected share of grid points
+WORLD_MAX_POINTS = 20_000_000  # a world gallery's limit (~3 km): its embeddings alone are 40 GB at 512-d float32
 
 
 def grid_points(box: BBox, resolution_km: float) -> tuple[np.ndarray, np.ndarray]:
@@ -47,6 +53,40 @@ def grid_points(box: BBox, resolution_km: float) -> tuple[np.ndarray, np.ndarray
     lat = lat_rows[row]
     lon = wrap_lon(box.lon_min + col * (resolution_km / kmpd[row]))
     return lat, lon
+
+
+def is_land(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """Land (lakes included) at each point, from the GLOBE 1 km land mask the ``global-land-mask`` package
+    ships (read from the installed package: no network). Loading it takes ~1 GB and a few seconds."""
+    try:
+        from global_land_mask import globe
+    except ImportError:
+        raise GalleryError("kind='world' needs the global-land-mask package (`pip install global-land-mask`)") from None
+    return np.asarray(globe.is_land(np.asarray(lat, np.float64), wrap_lon(lon)), dtype=bool)
+
+
+def world_points(resolution_km: float, band_rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """A land-only grid over the Earth: :func:`grid_points`' square-km cells over the whole globe (rows
+    every ``resolution_km`` from pole to pole, columns every ``resolution_km`` around each parallel), kept
+    where :func:`is_land`. Built a band of rows at a time, so memory follows the land points, not the globe."""
+    if not resolution_km > 0:
+        raise ConfigError(f"resolution_km must be > 0, got {resolution_km}")
+    expected = EARTH_AREA_KM2 * LAND_FRACTION / resolution_km**2
+    if expected > WORLD_MAX_POINTS:
+        finest = float(np.sqrt(EARTH_AREA_KM2 * LAND_FRACTION / WORLD_MAX_POINTS))
+        raise ConfigError(f"a world gallery at {resolution_km} km has ~{expected / 1e6:.0f}M points; use resolution_km >= "
+                          f"{finest:.1f} and local refinement (eval.refine) for precision")
+    dlat = resolution_km / KM_PER_DEG_LAT
+    n_rows = int(np.floor(180.0 / dlat + 1e-9)) + 1
+    lats, lons = [], []
+    for r0 in range(0, n_rows, band_rows):
+        r1 = min(r0 + band_rows, n_rows)
+        box = BBox(-90.0 + dlat * r0, min(-90.0 + dlat * (r1 - 1), 90.0), -180.0, 180.0)
+        lat, lon = grid_points(box, resolution_km)
+        land = is_land(lat, lon)
+        lats.append(lat[land])
+        lons.append(lon[land])
+    return np.concatenate(lats), np.concatenate(lons)
 
 
 def cluster_regions(lat: np.ndarray, lon: np.ndarray, cluster_km: float) -> np.ndarray:
@@ -119,10 +159,15 @@ def build_gallery(
     region_column: str | None = "city",
     manifest_fingerprint: str | None = None,
 ) -> tuple[pl.DataFrame, dict]:
-    """Build a gallery ``(df, meta)``: ``grid`` (App. D), ``city_centres`` (Sec. 5.3) or ``geoclip100k``."""
+    """Build a gallery ``(df, meta)``: ``grid`` (App. D), ``city_centres`` (Sec. 5.3), ``geoclip100k`` or
+    ``world`` (land everywhere at ``resolution_km``; needs no manifest and ignores the region settings)."""
     if kind not in KINDS:
         raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
     meta: dict = {"kind": kind, "splits": list(splits)}
+    if kind == "world":
+        lat, lon = world_points(resolution_km)
+        meta.update(regions=[], resolution_km=resolution_km, land_mask="global-land-mask (GLOBE 1 km)", splits=[])
+        return _finish(pl.DataFrame({"lat": lat, "lon": lon}), meta, manifest_fingerprint)
     if kind == "geoclip100k":
         path = geoclip_gallery_path()
         raw = pl.read_csv(path)
