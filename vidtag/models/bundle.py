@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from vidtag.errors import BundleError
+from vidtag.errors import BundleError, VidtagError
 from vidtag.fingerprint import sha256_file
 from vidtag.io import atomic_path
 from vidtag.models.config import VidTAGConfig
@@ -144,22 +144,87 @@ def save_bundle(directory: str | Path, bundle: Bundle) -> Path:
     return directory
 
 
+def _check_inside(directory: Path) -> None:
+    """Bundle files are read only from inside the bundle: a symlink leaving it is refused."""
+    real_dir = directory.resolve()
+    for f in (WEIGHTS_FILE, CONFIG_FILE, GALLERY_FILE):
+        if not (directory / f).resolve().is_relative_to(real_dir):
+            raise BundleError(f"{directory / f} resolves outside the bundle ({(directory / f).resolve()}); a bundle's "
+                              "files are read only from inside it: copy the file in instead of linking it")
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """config.json as a dict with the keys load_bundle needs, or one clear BundleError."""
+    def refuse_constant(name: str):
+        raise ValueError(f"{name} is not a finite number")
+
+    try:
+        config = json.loads(path.read_text(), parse_constant=refuse_constant)  # NaN / Infinity refused
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise BundleError(f"{path}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the bundle "
+                          "is damaged, write it again (`dvc repro train_phase2`)") from None
+    if not isinstance(config, dict):
+        raise BundleError(f"{path}: holds a JSON {type(config).__name__}, expected an object with model, "
+                          "model_sha256, gallery, format_version")
+    if config.get("format_version") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: format_version {config.get('format_version')!r}, expected {BUNDLE_FORMAT}")
+    for key, kind in (("model", dict), ("gallery", dict), ("model_sha256", str)):
+        if not isinstance(config.get(key), kind):
+            found = "missing" if key not in config else f"a {type(config[key]).__name__}"
+            raise BundleError(f"{path}: '{key}' is {found}, expected a JSON {'object' if kind is dict else 'string'}")
+    return config
+
+
+def _check_shapes(directory: Path, kind: str, model: dict[str, Any]) -> None:
+    """Build the architecture config.json describes on the meta device (no memory) and compare its tensors
+    with the weights file's header: bad dims (negative, huge, edited) and foreign files fail here."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = directory / WEIGHTS_FILE
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise BundleError(f"{weights}: not a safetensors file ({e}); a bundle's weights are never unpickled") from None
+    try:
+        with torch.device("meta"):
+            modules = _build_for_kind(kind, model)
+    except VidtagError as e:
+        raise BundleError(f"{directory / CONFIG_FILE}: 'model' is not a valid {kind} config: {e}") from None
+    except Exception as e:  # bad dims surface as assertions or shape errors inside torch.nn
+        raise BundleError(f"{directory / CONFIG_FILE}: 'model' describes no buildable {kind} model "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    want = {"logit_scale": ()}
+    for prefix, module in zip(("frame_encoder", "location_encoder", "refiner"), modules):
+        if module is not None:
+            want.update({f"{prefix}.{k}": tuple(v.shape) for k, v in module.state_dict().items()})
+    for name in sorted(set(want) | set(found)):
+        if want.get(name) != found.get(name) and not (name == "logit_scale" and found.get(name) in ((), (1,))):
+            what = ("missing from the weights" if name not in found else "not part of this architecture" if name not in want
+                    else f"shaped {list(found[name])} in the weights, {list(want[name])} in config.json")
+            raise BundleError(f"{weights}: tensor {name!r} is {what}; config.json and the weights disagree")
+
+
 def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Rebuild the model from a bundle directory, checking files and fingerprints; modules in eval mode."""
     directory = Path(directory)
-    missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE, GALLERY_FILE) if not (directory / f).exists()]
+    missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE, GALLERY_FILE) if not (directory / f).is_file()]
     if missing:
         raise BundleError(f"model bundle {directory} is incomplete: missing {missing}; re-run `dvc repro train_phase2`")
-    config = json.loads((directory / CONFIG_FILE).read_text())
-    if config.get("format_version") != BUNDLE_FORMAT:
-        raise BundleError(f"{directory / CONFIG_FILE}: format_version {config.get('format_version')!r}, expected {BUNDLE_FORMAT}")
-    for name, file, key in (("weights", WEIGHTS_FILE, config.get("model_sha256")), ("gallery", GALLERY_FILE, config.get("gallery", {}).get("sha256"))):
+    _check_inside(directory)
+    config = _read_config(directory / CONFIG_FILE)
+    for name, file, key in (("weights", WEIGHTS_FILE, config.get("model_sha256")), ("gallery", GALLERY_FILE, config["gallery"].get("sha256"))):
         found = sha256_file(directory / file)
         if found != key:
             raise BundleError(f"{directory / file}: sha256 {found[:12]}... does not match config.json ({str(key)[:12]}...); the {name} were changed after the bundle was written")
     kind = bundle_kind(config, str(directory / CONFIG_FILE))
+    _check_shapes(directory, kind, config["model"])  # before anything is allocated: dims cannot blow up memory
     frame, loc, refiner = _build_for_kind(kind, config["model"])  # random init, replaced by the saved weights below
     state = load_file(directory / WEIGHTS_FILE, device="cpu")
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise BundleError(f"{directory / WEIGHTS_FILE}: tensor {name!r} holds NaN or infinite values; the model "
+                              "cannot predict with it (retrain, or use another bundle)")
     for prefix, module in (("frame_encoder", frame), ("location_encoder", loc), ("refiner", refiner)):
         if module is None:
             continue
