@@ -268,8 +268,11 @@ def test_missing_clip_weights_one_line_saying_what_to_fetch(video, tmp_path, mon
     def no_hub(*a, **k):
         raise AssertionError("the hub was called")
 
+    import open_clip.factory
+
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
     monkeypatch.setattr(huggingface_hub.file_download, "hf_hub_download", no_hub)
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", no_hub)  # open_clip's own download step
     r = cli("predict", video, "--model", "geoclip", "--out", tmp_path / "t.geojson", "--cache-dir", tmp_path / "cache")
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert r.exit_code == 1 and len(lines) == 1, r.output

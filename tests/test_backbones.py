@@ -139,8 +139,11 @@ def empty_hf_cache(tmp_path, monkeypatch):
     def no_hub(*a, **k):
         raise AssertionError("the hub was called")
 
+    import open_clip.factory
+
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
     monkeypatch.setattr(huggingface_hub.file_download, "hf_hub_download", no_hub)
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", no_hub)  # open_clip's own download step
     return tmp_path / "hf" / "hub"
 
 
