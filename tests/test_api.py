@@ -203,16 +203,22 @@ def test_a_folder_of_videos_resumes_after_an_interruption(model_dir, cache, tmp_
         assert df.height == 1 and df["valid"].all()
 
 
-def test_a_bad_video_in_a_folder_is_reported_and_the_rest_written(model_dir, cache, tmp_path):
+def test_a_bad_video_in_a_folder_is_reported_and_the_rest_written(model_dir, cache, tmp_path, monkeypatch):
+    import vidtag.predict
+
+    built = []
+    real = vidtag.predict.backbones_for_bundle
+    monkeypatch.setattr(vidtag.predict, "backbones_for_bundle", lambda *a: built.append(1) or real(*a))
     videos = tmp_path / "videos"
     videos.mkdir()
-    make_video(videos / "good.mp4", seconds=1.0)
+    for name in ("good", "fine"):
+        make_video(videos / f"{name}.mp4", seconds=1.0)
     (videos / "broken.mp4").write_bytes(b"\x00" * 4000)
     out = tmp_path / "out"
     r = cli("predict", videos, "--model", model_dir, "--out", out, "--format", "geojson", "--cache-dir", cache, "--no-progress")
-    assert r.exit_code == 1
-    assert "failed broken.mp4:" in r.output and "1 written, 0 already done, 1 failed" in r.output
-    assert [p.name for p in out.iterdir()] == ["good.geojson"]
+    assert r.exit_code == 1 and len(built) == 1  # backbones built once for the whole folder
+    assert "failed broken.mp4:" in r.output and "2 written, 0 already done, 1 failed" in r.output
+    assert sorted(p.name for p in out.iterdir()) == ["fine.geojson", "good.geojson"]
 
 
 def test_the_api_predicts_a_folder_of_videos_as_one_table(model, tmp_path):

@@ -158,3 +158,16 @@ def test_vidtag_debug_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("VIDTAG_DEBUG", "1")
     r = run(video, "--model", tmp_path / "no-model", "--out", tmp_path / "p.csv")
     assert isinstance(r.exception, BundleError) and "incomplete" in str(r.exception)
+
+
+def test_vidtag_bundle_top_k_candidates_are_phase_one_and_sit_inside_geojson(tmp_path, model_dir):
+    video = make_clip(tmp_path / "clip.mp4", seconds=2.0)
+    out = tmp_path / "p.geojson"
+    r = run(video, "--model", model_dir, "--out", out, "--top-k", 2, "--fps", 2, "--cache-dir", tmp_path / "cache")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    frames = [f["properties"] for f in doc["features"] if f["properties"]["kind"] == "frame"]
+    assert len(frames) == 4
+    for p in frames:
+        assert [c["rank"] for c in p["candidates"]] == [1, 2] and p["candidates"][0]["score"] >= p["candidates"][1]["score"]
+        assert (p["candidates"][0]["lat"], p["candidates"][0]["lon"]) == (p["phase1_lat"], p["phase1_lon"])

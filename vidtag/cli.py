@@ -455,8 +455,8 @@ def predict(
     if kind == "videos":
         if fmt not in FORMATS:
             fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-        if out.exists() and not out.is_dir():
-            fail(f"{input} is a folder of videos, so --out must be a folder (one {fmt} per video); {out} is a file")
+        if (out.exists() and not out.is_dir()) or out.suffix.lower() in (".csv", ".parquet", ".geojson", ".json", ".gpx"):
+            fail(f"{input} is a folder of videos, so --out must be a folder (one {fmt} per video, --format); got {out}")
         if map_path is not None:
             fail("--map draws one input; for a folder of videos, draw each output with its own command")
         videos = list_videos(input)
