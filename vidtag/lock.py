@@ -23,6 +23,7 @@ from typing import Any
 from vidtag.errors import LockError
 
 LOCK_SUFFIX = ".lock"
+_HELD: set[str] = set()  # lock files this process holds (a lock naming our pid but not here is a leftover)
 
 
 def lock_dir(target: str | os.PathLike) -> Path:
@@ -43,15 +44,15 @@ def _proc_start_ticks(pid: int) -> int | None:
         return None
 
 
-def _holder_alive(holder: dict[str, Any]) -> bool | None:
-    """True / False for a holder on this host; None when it is on another host (cannot tell)."""
+def _holder_alive(holder: dict[str, Any], path: Path) -> bool | None:
+    """True / False for the holder of lock file ``path`` on this host; None when it is on another host."""
     if holder.get("host") != socket.gethostname():
         return None
     pid = holder.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return False
     if pid == os.getpid():
-        return False  # our own pid on a lock we do not hold: left by an earlier process that had it
+        return str(path) in _HELD  # ours, or left by an earlier process that had our pid
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -95,7 +96,7 @@ def _claim(path: Path, me: dict[str, Any], target: Path) -> None:
             if holder is None:  # unreadable: written by no vidtag, or cut short; a lock that names no one
                 path.unlink(missing_ok=True)
                 continue
-            if _holder_alive(holder) is False:
+            if _holder_alive(holder, path) is False:
                 path.unlink(missing_ok=True)  # a dead writer's lock: taken over
                 continue
             raise _refuse(target, path, holder) from None
@@ -117,6 +118,7 @@ def writer_lock(target: str | os.PathLike, *, slot: str = "writer", what: str = 
           "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "slot": slot, "what": what}
     mine = directory / f"{slot}.json"
     _claim(mine, me, target)
+    _HELD.add(str(mine))
     try:
         for other in sorted(directory.glob("*.json")):
             if other == mine:
@@ -125,12 +127,13 @@ def writer_lock(target: str | os.PathLike, *, slot: str = "writer", what: str = 
             other_slot = other.name[: -len(".json")]
             if holder is None or (compatible is not None and compatible(slot, other_slot)):
                 continue
-            if _holder_alive(holder) is False:
+            if _holder_alive(holder, other) is False:
                 other.unlink(missing_ok=True)
                 continue
             raise _refuse(target, other, holder)
         yield mine
     finally:
+        _HELD.discard(str(mine))
         mine.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             directory.rmdir()  # only when no other writer holds a slot

@@ -81,7 +81,7 @@ def read_frames(
         raise ManifestError(f"{root} has no images in sub-folders; expected ROOT/<sequence_id>/<frame>{IMAGE_EXTENSIONS}")
     files = files.with_columns(
         (pl.col("sequence_id") + "/" + pl.col("name")).alias("image_path"),
-        pl.lit(str(root)).alias("_file"),
+        (pl.lit(str(root) + os.sep) + pl.col("sequence_id") + "/" + pl.col("name")).alias("_file"),
         pl.lit(None, dtype=pl.Int64).alias("_row"),
     )
     if coords_csv is None:

@@ -187,7 +187,8 @@ class FeatureStore:
         return np.asarray(self.group["done"][:], dtype=bool)
 
     def clean_unit(self, u: int) -> None:
-        """Remove what a killed writer of unit ``u`` may have left (zarr's ``*.partial`` temp files, ours)."""
+        """Before unit ``u`` is written again: remove what a killed writer may have left (zarr's ``*.partial``
+        temp files, ours) and the unit's old shard files."""
         for name in ("clip", "dino", "valid", "done"):
             d = self.path / name / "c"
             if d.is_dir():
@@ -197,6 +198,8 @@ class FeatureStore:
                     p.unlink(missing_ok=True)
         (self.path / BAD_DIR / f".unit_{u:06d}.json.tmp").unlink(missing_ok=True)
         (self.path / SUMS_DIR / f".unit_{u:06d}.json.tmp").unlink(missing_ok=True)
+        for name in ARRAYS:  # the unit is rewritten whole: zarr must not merge into a damaged old shard
+            self.shard_file(name, u).unlink(missing_ok=True)
 
     # -- checksums ------------------------------------------------------------------------------
 
