@@ -671,3 +671,45 @@ def test_a_finished_checkpoint_survives_a_failed_bundle_write(tmp_path):
         run_resumable(lambda live: train(live, True), ckpt, None)
     assert run_resumable(lambda live: train(live, False), ckpt, None) == {"done": 1.0}
     assert epochs_trained == [0, 1, 2]  # nothing retrained: the next run only wrote the bundle
+
+
+def test_a_full_disk_during_extraction_is_one_line_and_the_rerun_resumes(tmp_path, tiny, monkeypatch):
+    from test_extract import make_world
+
+    from vidtag.features.store import FeatureStore
+
+    path = make_world(tmp_path / "data", n_seq=3)
+    args = ["extract", path, "--preset", "tiny", "--image-size", "32", "--num-workers", "0", "--device", "cpu",
+            "--shard-rows", "8", "--batch-size", "3", "--no-progress"]
+    assert cli(*args, "--out", tmp_path / "clean.zarr").exit_code == 0
+    write = FeatureStore.write_unit
+
+    def disk_full_at_unit_1(self, u, *a):
+        if u == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, u, *a)
+
+    monkeypatch.setattr(FeatureStore, "write_unit", disk_full_at_unit_1)
+    assert_one_line_failure(cli(*args, "--out", tmp_path / "f.zarr"), match="No space left on device")
+    monkeypatch.setattr(FeatureStore, "write_unit", write)
+    r = cli(*args, "--out", tmp_path / "f.zarr")
+    assert r.exit_code == 0 and "in 2 unit(s)" in r.output, r.output  # unit 0 was kept
+    assert _store_files(tmp_path / "f.zarr") == _store_files(tmp_path / "clean.zarr")
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import vidtag.train.checkpoint as checkpoint
+    from vidtag.errors import CheckpointError
+
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(ckpt, {"m": torch.nn.Linear(1, 1)}, None, {"epoch": 1})
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is kept"):
+        checkpoint.save_checkpoint(ckpt, {"m": torch.nn.Linear(1, 1)}, None, {"epoch": 2})
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from vidtag.device import resolve_device
-from vidtag.errors import ConfigError, ManifestError
+from vidtag.errors import ConfigError, FeatureStoreError, ManifestError
 from vidtag.features.backbones import BackboneConfig, DualBackbone, build_backbones
 from vidtag.features.dataset import MAX_PIXELS, FrameBatches, FrameSource
 from vidtag.features.store import StoreLayout, open_store, store_key
@@ -160,10 +160,14 @@ def extract_features(
 
     key = store_key(bb.fingerprint(), manifest_fingerprint(df), n, cfg.layout)
     # Shards i/n and j/n (i != j) write disjoint units; any other pair (a --force rebuild, another n) conflicts.
-    with writer_lock(out, slot=f"shard-{shard_i}-of-{shard_n}", what=f"vidtag extract, shard {shard_i}/{shard_n}",
-                     compatible=_shards_compatible):
-        return _extract(manifest, out, bb, cfg, key, device, t0, shard=shard, overwrite=overwrite, progress=progress,
-                        max_units=max_units, verify=verify)
+    try:
+        with writer_lock(out, slot=f"shard-{shard_i}-of-{shard_n}", what=f"vidtag extract, shard {shard_i}/{shard_n}",
+                         compatible=_shards_compatible):
+            return _extract(manifest, out, bb, cfg, key, device, t0, shard=shard, overwrite=overwrite,
+                            progress=progress, max_units=max_units, verify=verify)
+    except OSError as e:  # a full disk, a read-only folder: finished units stay done, a rerun resumes
+        raise FeatureStoreError(f"cannot write feature store {out} ({e.strerror or e}); the units finished so far are "
+                                "kept: free space or fix the folder, then run again to resume") from None
 
 
 def _shards_compatible(a: str, b: str) -> bool:

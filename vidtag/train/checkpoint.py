@@ -70,14 +70,18 @@ def save_checkpoint(directory: str | Path, modules: dict[str, nn.Module], optimi
     directory = Path(directory)
     weights = {f"{name}.{k}": v.detach().cpu().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
     state = dict(state)
-    with atomic_path(directory) as tmp:
-        tmp.mkdir()
-        save_file(weights, tmp / WEIGHTS)
-        if optimizer is not None:
-            tensors, meta = _flatten_optimizer(optimizer)
-            save_file(tensors, tmp / OPTIMIZER)
-            state["optimizer"] = meta
-        (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    try:
+        with atomic_path(directory) as tmp:
+            tmp.mkdir()
+            save_file(weights, tmp / WEIGHTS)
+            if optimizer is not None:
+                tensors, meta = _flatten_optimizer(optimizer)
+                save_file(tensors, tmp / OPTIMIZER)
+                state["optimizer"] = meta
+            (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    except OSError as e:  # a full disk: the previous checkpoint was not touched
+        raise CheckpointError(f"cannot write checkpoint {directory} ({e.strerror or e}); the previous checkpoint is "
+                              "kept: free space, then run again to resume from it") from None
     return directory
 
 
