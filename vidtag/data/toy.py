@@ -129,8 +129,8 @@ def _drive(city: _City, n_frames: int, rng: np.random.Generator, cfg: ToyConfig)
         out_h.append(d.copy())
         step = spacing * rng.uniform(0.8, 1.2)
         while step > 1e-9:
-            along = pos @ d  # distance to the next intersection along the heading
-            to_node = b - (along % b) if (along % b) > 1e-6 else b
+            r = (pos @ d) % b  # how far past the last intersection along the heading
+            to_node = b - r if 1e-6 < r < b - 1e-6 else b  # at a node (r ~ 0 or ~ b): the next one is a block away
             if step < to_node:
                 pos = pos + d * step
                 break
