@@ -224,3 +224,20 @@ def test_evaluate_refuses_a_manifest_without_ground_truth_or_split(tmp_path, mod
     assert r.exit_code == 1 and r.output.startswith("error: ") and "no ground truth" in r.output, r.output
     r = runner.invoke(app, base + ["--split", "val"])
     assert r.exit_code == 1 and "no rows in split 'val'" in r.output, r.output
+
+
+def test_ingest_refuses_a_symlink_leaving_the_root_unless_allowed(tmp_path):
+    from PIL import Image
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "seq").mkdir(parents=True)
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(root / "seq" / "000.jpg")
+    Image.new("RGB", (8, 8)).save(outside / "x.jpg")
+    (root / "seq" / "001.jpg").symlink_to(outside / "x.jpg")
+    out = tmp_path / "m.parquet"
+    refused = CliRunner().invoke(app, ["ingest", "frames", str(root), "--out", str(out)])
+    assert refused.exit_code == 1 and "outside the dataset root" in refused.output and not out.exists()
+    allowed = CliRunner().invoke(app, ["ingest", "frames", str(root), "--out", str(out), "--allow-outside-root"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "2 frames" in allowed.output

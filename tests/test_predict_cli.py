@@ -171,3 +171,18 @@ def test_vidtag_bundle_top_k_candidates_are_phase_one_and_sit_inside_geojson(tmp
     for p in frames:
         assert [c["rank"] for c in p["candidates"]] == [1, 2] and p["candidates"][0]["score"] >= p["candidates"][1]["score"]
         assert (p["candidates"][0]["lat"], p["candidates"][0]["lon"]) == (p["phase1_lat"], p["phase1_lon"])
+
+
+def test_viterbi_and_refinement_flags_write_a_trajectory(tmp_path, model_dir):
+    """`--decode viterbi --refine` (beyond the paper: temporal decoding, local refinement) on a real H.264 file;
+    the demo-backbone note tells the user what such a bundle's places are worth."""
+    video = make_clip(tmp_path / "clip.mp4")
+    plain, decoded = tmp_path / "plain.csv", tmp_path / "viterbi.csv"
+    first = run(video, "--model", model_dir, "--out", plain, "--cache-dir", tmp_path / "cache")
+    second = run(video, "--model", model_dir, "--out", decoded, "--decode", "viterbi", "--top-k", 8, "--refine",
+                 "--refine-step-km", 50, "--cache-dir", tmp_path / "cache")
+    assert first.exit_code == 0 and second.exit_code == 0, second.output
+    assert "tiny random demo backbones" in first.output
+    a, b = pl.read_csv(plain), pl.read_csv(decoded)
+    assert a.height == b.height == 3 and b["lat"].is_not_null().all()
+    assert pl.read_csv(tmp_path / "viterbi.candidates.csv").height == 3 * 8

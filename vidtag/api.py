@@ -203,6 +203,12 @@ class Model:
         return self.bundle.kind
 
     @property
+    def demo_backbones(self) -> bool:
+        """True when the bundle was trained on the tiny random demo backbones: its places mean nothing for real footage."""
+        recorded = self.bundle.config.get("backbones") or {}
+        return (recorded.get("config", recorded) or {}).get("preset") == "tiny"
+
+    @property
     def backbones(self):
         """The bundle's frozen backbones, built on first use (the CLIP tower alone for GeoCLIP)."""
         if self._backbones is None:

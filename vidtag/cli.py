@@ -245,6 +245,8 @@ _DEVICE = typer.Option("auto", callback=_check_device, help="auto (GPU when avai
 
 _OUT = typer.Option(..., "--out", "-o", callback=_output_file, help="Manifest parquet to write.")
 _SKIP = typer.Option(False, "--skip-bad", help="Leave bad rows out and list them in <out>.skipped.csv instead of failing.")
+_OUTSIDE = typer.Option(False, "--allow-outside-root", help="Read image/video paths that resolve outside ROOT "
+                                                            "(../, absolute paths, symlinks); refused by default.")
 _VAL = typer.Option(0.2, "--val-fraction", callback=_number_in(0, 1, high_open=True),
                     help="Share of sequences (per city) put in the val split.")
 _SEED = typer.Option(0, "--seed", help="Seed of the train/val split (and of the toy world).")
@@ -259,13 +261,13 @@ def _ingest(source: str, root, out, **kw) -> None:
 
 
 @ingest_app.command("msls")
-def ingest_msls(root: _Path = typer.Argument(..., help="MSLS root folder (holds train_val/)."), out: _Path = _OUT, val_fraction: float = _VAL, seed: int = _SEED, skip_bad: bool = _SKIP,
+def ingest_msls(root: _Path = typer.Argument(..., help="MSLS root folder (holds train_val/)."), out: _Path = _OUT, val_fraction: float = _VAL, seed: int = _SEED, skip_bad: bool = _SKIP, allow_outside_root: bool = _OUTSIDE,
                 official_split: bool = typer.Option(False, help="Use MSLS's own split (val cities cph, sf)."),
                 panoramas: bool = typer.Option(False, help="Keep panoramic images (dropped by default)."),
                 test: bool = typer.Option(False, help="Also read test/ cities (no GPS)."),
                 check_images: bool = typer.Option(True, help="Check that every image file exists.")) -> None:
     """MSLS: ROOT/train_val/<city>/{query,database}/ (images/, seq_info.csv, raw.csv)."""
-    _ingest("msls", root, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad,
+    _ingest("msls", root, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad, allow_outside_root=allow_outside_root,
             options=dict(split="official" if official_split else "random", include_panoramas=panoramas,
                          include_test=test, check_images=check_images))
 
@@ -275,9 +277,9 @@ def ingest_bdd(root: _Path = typer.Argument(..., help="BDD100K root folder (hold
                fps: float = _FPS,
                gama_lists: _Opt[_Path] = typer.Option(None, help="GAMa list/ folder (train_day.list, val_day_vid.list)."),
                gps_tolerance_s: float = typer.Option(1.5, callback=_number_in(0), help="Frames this far outside the GPS fixes take the nearest fix; beyond, they are left out and reported."),
-               skip_bad: bool = _SKIP) -> None:
+               skip_bad: bool = _SKIP, allow_outside_root: bool = _OUTSIDE) -> None:
     """BDD100K / GAMa: ROOT/videos/100k/{train,val}/<name>.mov + ROOT/info/100k/{train,val}/<name>.json."""
-    _ingest("bdd", root, out, skip_bad=skip_bad, options=dict(fps=fps, lists_dir=gama_lists, gps_tolerance_s=gps_tolerance_s))
+    _ingest("bdd", root, out, skip_bad=skip_bad, allow_outside_root=allow_outside_root, options=dict(fps=fps, lists_dir=gama_lists, gps_tolerance_s=gps_tolerance_s))
 
 
 @ingest_app.command("cityguessr")
@@ -289,12 +291,12 @@ def ingest_cityguessr(root: _Path = typer.Argument(..., help="CityGuessr68k root
                       hierarchy: _Opt[_Path] = typer.Option(None, help="hierarchy_mappings.json, to check label ids."),
                       frame_step: int = typer.Option(5, min=1, help="Keep every k-th frame."),
                       max_frames: int = typer.Option(16, min=0, help="At most this many frames per video (0 = all)."),
-                      skip_bad: bool = _SKIP) -> None:
+                      skip_bad: bool = _SKIP, allow_outside_root: bool = _OUTSIDE) -> None:
     """CityGuessr68k: label files (frames_dir, city_id, state_id, country_id, continent_id, ...) + frame folders."""
     labels = {k: v for k, v in (("train", train), ("val", val), ("test", test)) if v is not None}
     if not labels:
         fail("give at least one label file: --train, --val or --test")
-    _ingest("cityguessr", root, out, skip_bad=skip_bad, options=dict(labels=labels, city_table=cities, hierarchy=hierarchy,
+    _ingest("cityguessr", root, out, skip_bad=skip_bad, allow_outside_root=allow_outside_root, options=dict(labels=labels, city_table=cities, hierarchy=hierarchy,
                                                                     frame_step=frame_step, max_frames=max_frames or None))
 
 
@@ -303,18 +305,18 @@ def ingest_frames(root: _Path = typer.Argument(..., help="Folder with one sub-fo
                   coords: _Opt[_Path] = typer.Option(None, help="CSV sequence_id,frame,lat,lon[,city][,split]."),
                   val_fraction: float = typer.Option(0.0, "--val-fraction", callback=_number_in(0, 1, high_open=True),
                                                      help="Share of sequences put in val (0: none)."),
-                  seed: int = _SEED, skip_bad: bool = _SKIP) -> None:
+                  seed: int = _SEED, skip_bad: bool = _SKIP, allow_outside_root: bool = _OUTSIDE) -> None:
     """A folder of sequences: ROOT/<sequence_id>/<frames> (natural order)."""
-    _ingest("frames", root, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad, options=dict(coords_csv=coords))
+    _ingest("frames", root, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad, allow_outside_root=allow_outside_root, options=dict(coords_csv=coords))
 
 
 @ingest_app.command("video")
 def ingest_video(root: _Path = typer.Argument(..., help="A video file, or a folder of videos."), out: _Path = _OUT,
                  fps: float = _FPS,
                  track: _Opt[_Path] = typer.Option(None, help="GPS track (CSV t_s,lat,lon or GPX) for a single video."),
-                 skip_bad: bool = _SKIP) -> None:
+                 skip_bad: bool = _SKIP, allow_outside_root: bool = _OUTSIDE) -> None:
     """A video file, or a folder of videos (one sequence each)."""
-    _ingest("video", root, out, skip_bad=skip_bad, options=dict(paths=[root], fps=fps, track=track))
+    _ingest("video", root, out, skip_bad=skip_bad, allow_outside_root=allow_outside_root, options=dict(paths=[root], fps=fps, track=track))
 
 
 @ingest_app.command("toy")
@@ -351,6 +353,8 @@ def extract(
                                     show_default="torchrun's RANK/WORLD_SIZE, else all"),
     shard_rows: int = typer.Option(4096, min=1, help="Rows per store shard = per work unit."),
     force: bool = typer.Option(False, "--force", help="Rebuild a store made with other settings (a matching store is kept and resumed)."),
+    verify: bool = typer.Option(False, "--verify", help="Check every finished shard against its checksum and extract "
+                                                        "damaged ones again (a resume checks only what it needs)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Extract frozen CLIP + DINOv2 features for every manifest row (resumable; re-running is a no-op)."""
@@ -362,7 +366,7 @@ def extract(
         image_size=image_size, seed=seed, batch_size=batch_size, num_workers=num_workers, device=device,
         bf16=bf16, compile=compile, shard_rows=shard_rows, chunk_rows=min(64, shard_rows)))
     result = extract_features(read_manifest(manifest), out, bcfg, ecfg, shard=parse_shard(shard),
-                              overwrite=force, progress=progress)
+                              overwrite=force, progress=progress, verify=verify)
     typer.echo(result.summary())
 
 # --- gallery (vidtag.gallery) ------------------------------------------------------------------
@@ -411,6 +415,12 @@ def _default_cache_dir():
     return default_cache_dir()
 
 
+def _warn_demo(model) -> None:
+    if model.demo_backbones:
+        typer.secho(f"note: {model.name} was trained on the tiny random demo backbones; its locations mean nothing for "
+                    "real footage (use --model geoclip, or a model trained with real backbones)", err=True, fg=typer.colors.YELLOW)
+
+
 @app.command()
 def predict(
     input: _Path = typer.Argument(..., callback=_predict_input, help="A video file (mp4/mov/mkv/avi/webm/m4v), an image, a folder of frames "
@@ -428,6 +438,13 @@ def predict(
                                                                "parquet or CSV with lat, lon columns."),
     decode: _Opt[str] = typer.Option(None, "--decode", help="argmax (each frame on its own, Fig. 5) or viterbi (the "
                                                            "jointly best path over the candidates) [default: argmax]."),
+    max_speed_kmh: float = typer.Option(130.0, "--max-speed-kmh", min=0.001, help="Viterbi with timestamps (videos): a move at this speed "
+                                                                       "between frames costs one nat."),
+    step_km: _Opt[float] = typer.Option(None, "--step-km", min=0.0, help="Viterbi without timestamps (frames folders): the typical "
+                                                                       "distance between consecutive frames."),
+    refine: bool = typer.Option(False, help="Refine each frame's best candidates on a fine local lattice around them "
+                                           "(precision finer than the gallery; see --refine-step-km)."),
+    refine_step_km: float = typer.Option(0.05, "--refine-step-km", min=0.001, help="Spacing of the refinement lattice."),
     places: bool = typer.Option(True, help="Name each prediction's nearest place (city, admin region, country code), offline."),
     start_time: _Opt[str] = typer.Option(None, "--start-time", help="GPX: clock time of the first frame, ISO 8601 "
                                                                    "(e.g. 2024-05-01T12:00:00Z) [default: 1970-01-01T00:00:00Z = elapsed time]."),
@@ -450,6 +467,10 @@ def predict(
         fail(f"--fps must be > 0, got {fps}")
     if top_k < 0:
         fail(f"--top-k must be >= 0, got {top_k}")
+    from vidtag.inference import InferenceConfig
+
+    cfg = InferenceConfig(max_speed_kmh=max_speed_kmh, step_km=step_km, refine=refine, refine_step_km=refine_step_km,
+                          top_k=max(top_k, InferenceConfig.top_k))
     t0 = time.perf_counter()
     kind = input_kind(input)  # refuses a missing input or an ambiguous folder before anything loads
     if kind == "videos":
@@ -464,7 +485,8 @@ def predict(
         if len(set(outs)) != len(outs):
             dup = next(o for o in outs if outs.count(o) > 1)
             fail(f"two videos in {input} would both write {dup}; rename one")
-        m = load_model(model, device=device, cache_dir=cache_dir, gallery=gallery)
+        m = load_model(model, device=device, cache_dir=cache_dir, gallery=gallery, cfg=cfg)
+        _warn_demo(m)
 
         def event(what, inp, detail):
             if what == "failed":
@@ -478,7 +500,8 @@ def predict(
             raise typer.Exit(1)
         return
     output_format(out)  # an unsupported extension fails now, not after the work
-    m = load_model(model, device=device, cache_dir=cache_dir, gallery=gallery)
+    m = load_model(model, device=device, cache_dir=cache_dir, gallery=gallery, cfg=cfg)
+    _warn_demo(m)
     df = m.predict(input, top_k=top_k, decode=decode, fps=fps, places=places, batch_size=batch_size, progress=progress)
     write_output(df, out, start_time=start_time)
     if map_path is not None:

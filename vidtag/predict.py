@@ -72,14 +72,12 @@ def _is_single_image(path: Path) -> bool:
 
 
 def _read_image(path: Path):
-    """The image as RGB, or None when it cannot be decoded (then reported as an unreadable frame)."""
-    from PIL import Image
+    """The image as 8-bit RGB (EXIF orientation, 16-bit, palette and CMYK handled as in extraction), or None
+    when it cannot be decoded or exceeds the pixel limit (then reported as an unreadable frame)."""
+    from vidtag.features.dataset import load_rgb
 
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError):
-        return None
+    img, _ = load_rgb(str(path))
+    return img
 
 
 def _frames_of(input_path: Path, fps: float):
