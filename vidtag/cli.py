@@ -258,6 +258,23 @@ def _ingest(source: str, root, out, **kw) -> None:
 
     m = ingest(source, root, out, **kw)
     typer.echo(f"wrote {out}: {m!r}")
+    _echo_left_out(out)
+
+
+def _echo_left_out(out) -> None:
+    """One line naming how many whole sequences a length rule left out, and where they are listed."""
+    import polars as pl
+
+    from vidtag.data.manifest import skipped_report_path
+    from vidtag.data.split import SHORT_SEQUENCE
+
+    report = skipped_report_path(out)
+    if not report.is_file():
+        return
+    reasons = pl.read_csv(report, columns=["reason"], schema_overrides={"reason": pl.String})["reason"]
+    short = reasons.filter(reasons.str.contains(SHORT_SEQUENCE, literal=True))
+    if short.len():
+        typer.echo(f"left out {short.len()} sequence(s) {SHORT_SEQUENCE} (listed in {report})")
 
 
 @ingest_app.command("msls")
@@ -265,11 +282,14 @@ def ingest_msls(root: _Path = typer.Argument(..., help="MSLS root folder (holds 
                 official_split: bool = typer.Option(False, help="Use MSLS's own split (val cities cph, sf)."),
                 panoramas: bool = typer.Option(False, help="Keep panoramic images (dropped by default)."),
                 test: bool = typer.Option(False, help="Also read test/ cities (no GPS)."),
-                check_images: bool = typer.Option(True, help="Check that every image file exists.")) -> None:
-    """MSLS: ROOT/train_val/<city>/{query,database}/ (images/, seq_info.csv, raw.csv)."""
+                check_images: bool = typer.Option(True, help="Check that every image file exists."),
+                min_frames: int = typer.Option(16, "--min-frames", min=0, help="Leave out sequences with fewer frames, "
+                                               "listed in <out>.skipped.csv (paper Sec. 4.1: 16-494 frames; 0 keeps all).")) -> None:
+    """MSLS: ROOT/train_val/<city>/{query,database}/ (images/, seq_info.csv, raw.csv). A drive in both query and
+    database stays in one split."""
     _ingest("msls", root, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad, allow_outside_root=allow_outside_root,
-            options=dict(split="official" if official_split else "random", include_panoramas=panoramas,
-                         include_test=test, check_images=check_images))
+            min_frames=min_frames, options=dict(split="official" if official_split else "random", include_panoramas=panoramas,
+                                                include_test=test, check_images=check_images))
 
 
 @ingest_app.command("bdd")

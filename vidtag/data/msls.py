@@ -6,6 +6,11 @@ pano``; lon before lat). Every CSV has a leading unnamed index column; columns a
 A sequence is one ``sequence_key``, ordered by ``frame_number`` (gaps allowed); its id in the
 manifest is ``<city>/<subset>/<sequence_key>`` so ids are unique across folders. Panoramas are left
 out by default (as the official loader does). ``test/`` cities (no GPS) are optional.
+
+A drive is its ``sequence_key`` within a city: MSLS can list frames of one drive in both ``query`` and
+``database``, so the train/val split is decided per drive (``<city>/<sequence_key>``), never per
+folder, and no drive is in both splits. Sequences shorter than ``min_frames`` (default 16, the
+paper's shortest, Sec. 4.1) are left out whole and named in the skip report.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import polars as pl
 
 from vidtag.data.report import (conflicting_keys, finalize, flag, flag_bad_coords, flag_duplicates, flag_missing_files,
                                 flag_outside_root, read_csv_strings)
-from vidtag.data.split import official_split, split_sequences
+from vidtag.data.split import PAPER_MIN_FRAMES, check_min_frames, official_split, short_sequences, split_sequences
 from vidtag.errors import ConfigError, ManifestError
 
 SUBSETS = ("query", "database")
@@ -77,6 +82,7 @@ def _folder_rows(folder: Path, city: str, subset: str, with_gps: bool, include_p
     prefix = folder.relative_to(folder.parents[2]).as_posix()  # train_val/<city>/<subset>
     return df.with_columns(
         (pl.lit(f"{city}/{subset}/") + pl.col("sequence_key")).alias("sequence_id"),
+        (pl.lit(f"{city}/") + pl.col("sequence_key")).alias("_drive"),  # one drive across query and database
         (pl.lit(f"{prefix}/images/") + pl.col("key") + ".jpg").alias("image_path"),
         pl.lit(city).alias("city"),
     )
@@ -85,16 +91,21 @@ def _folder_rows(folder: Path, city: str, subset: str, with_gps: bool, include_p
 def read_msls(root: str | os.PathLike, *, val_fraction: float = 0.2, seed: int = 0, split: str = "random",
               val_cities: tuple[str, ...] = OFFICIAL_VAL_CITIES, cities: tuple[str, ...] | None = None,
               include_panoramas: bool = False, include_test: bool = False, check_images: bool = True,
-              skip_bad: bool = False, allow_outside_root: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
+              skip_bad: bool = False, allow_outside_root: bool = False,
+              min_frames: int = PAPER_MIN_FRAMES) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Manifest rows for MSLS; returns ``(df, skipped)``.
 
-    ``split="random"``: whole sequences to val with ``val_fraction`` per city, from ``seed`` (val in
-    training cities, as the paper's own split needs); ``split="official"``: ``val_cities`` are val.
+    ``split="random"``: whole drives to val with ``val_fraction`` per city, from ``seed`` (val in
+    training cities, as the paper's own split needs); a drive's query and database sequences share
+    its split. ``split="official"``: ``val_cities`` are val.
     An image key whose path leaves ``root`` (``../``, a symlink out) is a bad row unless
-    ``allow_outside_root``.
+    ``allow_outside_root``. A sequence with fewer than ``min_frames`` good frames is left out whole
+    (whatever ``skip_bad`` says: it is the paper's rule, not bad input) and listed in ``skipped`` with
+    its length; the split is drawn among the sequences kept.
     """
     if split not in ("random", "official"):
         raise ConfigError(f"split must be one of ('random', 'official'), got {split!r}")
+    check_min_frames(min_frames)
     root = Path(root)
     tv = root / "train_val"
     if not tv.is_dir():
@@ -108,13 +119,7 @@ def read_msls(root: str | os.PathLike, *, val_fraction: float = 0.2, seed: int =
                 parts.append(_folder_rows(city_dir / subset, city_dir.name, subset, True, include_panoramas))
     if not parts:
         raise ManifestError(f"no <city>/{{query,database}} folders under {tv}")
-    df = pl.concat(parts, how="vertical_relaxed")
-    seqs = df.unique("sequence_id", keep="first", maintain_order=True)
-    if split == "official":
-        mapping = dict(zip(seqs["sequence_id"], official_split(seqs["city"].to_list(), val_cities)))
-    else:
-        mapping = split_sequences(seqs["sequence_id"].to_list(), val_fraction, seed, seqs["city"].to_list())
-    df = df.with_columns(pl.col("sequence_id").replace_strict(mapping).alias("split"))
+    df = pl.concat(parts, how="vertical_relaxed").with_columns(pl.lit(None, dtype=pl.String).alias("split"))
 
     if include_test and (root / "test").is_dir():
         test = [
@@ -130,5 +135,30 @@ def read_msls(root: str | os.PathLike, *, val_fraction: float = 0.2, seed: int =
     df = flag_outside_root(df, root, "image_path", allow_outside_root)
     if check_images:
         df = flag_missing_files(df, root, "image_path")
+
+    # Sec. 4.1's length rule on the frames that will be kept; a short sequence's bad rows stay (reported as bad).
+    short = short_sequences(df.filter(pl.col("_reason").is_null()).sort("_file", "_row"), min_frames, ("_file", "_row"))
+    df = df.filter(~(pl.col("sequence_id").is_in(short["sequence_id"].implode()) & pl.col("_reason").is_null()))
+    df = _assign_split(df, split, val_fraction, seed, val_cities)
     cols = ["sequence_id", "image_path", "lat", "lon", "split", "city", "_file", "_row", "_reason", "_order"]
-    return finalize(df.select(cols), skip_bad)
+    good, skipped = finalize(df.select(cols), skip_bad)
+    if good.height == 0 and short.height:
+        raise ManifestError(f"every sequence under {root} is shorter than min_frames {min_frames} (the longest has "
+                            f"{int(short['n_frames'].max())} frames); lower --min-frames (data.min_frames) to keep them")
+    report = short.select(pl.col("_file").alias("file"), pl.col("_row").cast(pl.Int64).alias("row"), "sequence_id", "reason")
+    return good, pl.concat([skipped, report], how="vertical_relaxed").sort("file", "row")
+
+
+def _assign_split(df: pl.DataFrame, split: str, val_fraction: float, seed: int, val_cities: tuple[str, ...]) -> pl.DataFrame:
+    """Fill the null ``split`` of train_val rows: per drive (``_drive``) among the sequences that have good
+    frames, so that the val share counts drives that are really in the manifest."""
+    todo = df.filter(pl.col("split").is_null())
+    seqs = todo.filter(pl.col("_reason").is_null()).unique("sequence_id", keep="first", maintain_order=True)
+    if split == "official":
+        mapping = dict(zip(seqs["sequence_id"], official_split(seqs["city"].to_list(), val_cities)))
+    else:
+        mapping = split_sequences(seqs["sequence_id"].to_list(), val_fraction, seed, seqs["city"].to_list(),
+                                  groups=seqs["_drive"].to_list())
+    # Rows of sequences without a good frame get a placeholder: they are all bad rows, raised or skipped.
+    filled = pl.col("sequence_id").replace_strict(mapping, default="train", return_dtype=pl.String)
+    return df.with_columns(pl.coalesce("split", filled).alias("split"))
