@@ -236,3 +236,41 @@ def test_evaluation_run_writes_metrics_table_and_plots(bundle, tmp_path):
     assert pl.read_parquet(tmp_path / "pred.parquet").equals(p)
     text = summary(res.metrics)
     assert "phase I" in text and "acc_1km" in text
+
+
+# --- the position tables inference reads are the training length (Table 10) -------------------------------
+
+
+def test_position_tables_follow_seq_len_or_a_contradiction_is_refused(tmp_path):
+    """Training on 4-frame sequences under a 16-row table would leave rows 4..15 at their random init, and
+    inference reads them (a video of 5..16 frames directly, a longer one by interpolation)."""
+    from test_train import RT1, RT2, TINY_MODEL, make_world
+
+    from vidtag.errors import ConfigError
+    from vidtag.models.config import GeoRefinerConfig
+    from vidtag.train.phase1 import Phase1Config, load_phase1, tied_positions, train_phase1
+    from vidtag.train.phase2 import Phase2Config, train_phase2
+
+    assert tied_positions(16, 16, 16, "k", "s") == 16 and tied_positions(16, 4, 16, "k", "s") == 4  # default follows
+    assert tied_positions(8, 8, 16, "k", "s") == 8
+    world = make_world(n_seq=8)
+    frame = {k: v for k, v in TINY_MODEL.to_dict()["frame"].items() if k != "max_positions"}  # left at its default
+    model = VidTAGConfig.from_dict({**TINY_MODEL.to_dict(), "frame": frame})
+    p1 = Phase1Config(seq_len=4, batch_size=4, epochs=1, warmup_steps=1, location_init="random")
+    train_phase1(world, world.manifest, world.gallery, tmp_path / "p1", p1, model, runtime=RT1)
+    phase1, config = load_phase1(tmp_path / "p1")
+    assert phase1.frame_encoder.tempgeo.pos.shape[0] == 4 and config["model"]["frame"]["max_positions"] == 4
+    with pytest.raises(ConfigError, match=r"phase1.model.frame.max_positions=8 but phase1.seq_len=4.*Table 10"):
+        train_phase1(world, world.manifest, world.gallery, tmp_path / "bad", p1, TINY_MODEL, runtime=RT1)  # explicitly 8
+
+    gallery_file = tmp_path / "gallery.parquet"
+    pl.DataFrame({"lat": world.gallery[:, 0], "lon": world.gallery[:, 1]}).write_parquet(gallery_file)
+    p2 = Phase2Config(seq_len=4, batch_size=4, epochs=1, warmup_steps=1)
+    refiner = GeoRefinerConfig(**{**TINY_MODEL.refiner.__dict__, "max_positions": 16})
+    train_phase2(world, world.manifest, gallery_file, world.gallery, tmp_path / "p1", tmp_path / "model", tmp_path / "ck", p2,
+                 refiner, runtime=RT2)
+    bundle = load_bundle(tmp_path / "model", "cpu")
+    assert bundle.refiner.pos.shape[0] == 4 and bundle.frame_encoder.tempgeo.pos.shape[0] == 4
+    with pytest.raises(ConfigError, match=r"phase2.refiner.max_positions=8 but phase2.seq_len=4"):
+        train_phase2(world, world.manifest, gallery_file, world.gallery, tmp_path / "p1", tmp_path / "m2", tmp_path / "ck2", p2,
+                     GeoRefinerConfig(**{**TINY_MODEL.refiner.__dict__, "max_positions": 8}), runtime=RT2)

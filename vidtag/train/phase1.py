@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from vidtag.device import resolve_device
-from vidtag.errors import TrainingError
+from vidtag.errors import ConfigError, TrainingError
 from vidtag.features.sequences import SequenceTable, build_sequences
 from vidtag.features.source import feature_source
 from vidtag.geo import haversine_km
 from vidtag.inference import Locator
 from vidtag.metrics import accuracy_at
-from vidtag.models.config import VidTAGConfig
+from vidtag.models.config import FrameEncoderConfig, VidTAGConfig
 from vidtag.models.frame_encoder import FrameEncoder
 from vidtag.models.location_encoder import LocationEncoder
 from vidtag.seeding import seeded
@@ -66,6 +66,27 @@ def build_phase1_model(cfg: VidTAGConfig, location_init: str = "random", seed: i
     return Phase1Model(frame, location, cfg.logit_scale_init)
 
 
+def tied_positions(table_rows: int, seq_len: int, default_rows: int, key: str, seq_key: str) -> int:
+    """The learned position table's length for training on ``seq_len``-frame sequences: the table is the
+    training length (App. A: 16 frames in both phases, 16 rows).
+
+    A table longer than the training sequences keeps rows no step ever updates (Table 10's 4- and 8-frame
+    runs under a 16-row table), and inference then uses them: directly for a video of up to ``table_rows``
+    frames, through interpolation over the whole table for a longer one (vidtag.models.positions). So a
+    table left at its default (``default_rows``: a frozen config cannot tell "not set" from "set to the
+    default") follows ``seq_len``: tying rather than refusing keeps a seq_len sweep one override away,
+    and the checkpoint and bundle record the tied length. Any other length that differs from ``seq_len``
+    was asked for and contradicts it: refused with a :class:`ConfigError` naming both keys.
+    """
+    if table_rows == seq_len:
+        return table_rows
+    if table_rows == default_rows:
+        return seq_len
+    raise ConfigError(f"{key}={table_rows} but {seq_key}={seq_len}: the position table must be the training length, "
+                      f"or rows no training step updates are used at inference (Table 10); set {key}: {seq_len} or "
+                      f"leave it out (it then follows {seq_key})")
+
+
 def retrieval_metrics(pred_latlon: np.ndarray, true_latlon: np.ndarray, prefix: str = "") -> dict[str, float]:
     """vidtag.metrics' frame accuracies (percent, as in metrics/eval.json) under ``prefix``."""
     dist_km = haversine_km(pred_latlon[:, 0], pred_latlon[:, 1], true_latlon[:, 0], true_latlon[:, 1])
@@ -100,7 +121,10 @@ def train_phase1(
     out_dir = Path(out_dir)
     device = resolve_device(runtime.device)
     model_cfg = model_cfg or VidTAGConfig()
-    frame_cfg = {**asdict(model_cfg.frame), "clip_dim": int(features.clip.shape[1]), "dino_dim": int(features.dino.shape[1])}
+    rows = tied_positions(model_cfg.frame.max_positions, cfg.seq_len, FrameEncoderConfig.max_positions,
+                          "phase1.model.frame.max_positions", "phase1.seq_len")
+    frame_cfg = {**asdict(model_cfg.frame), "clip_dim": int(features.clip.shape[1]), "dino_dim": int(features.dino.shape[1]),
+                 "max_positions": rows}
     model_cfg = VidTAGConfig.from_dict({**model_cfg.to_dict(), "frame": frame_cfg})
 
     data, why = feature_source(features, manifest, device, runtime.features_in_memory, runtime.feature_memory_gb)

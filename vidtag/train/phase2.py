@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from vidtag.train import loop
 from vidtag.train.batches import sample_frames
 from vidtag.train.losses import weighted_hinge_loss
 from vidtag.train.noise import NoiseConfig, corrupt_gps
-from vidtag.train.phase1 import Phase1Model, load_phase1, retrieval_metrics
+from vidtag.train.phase1 import Phase1Model, load_phase1, retrieval_metrics, tied_positions
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,9 @@ def train_phase2(
     device = resolve_device(runtime.device)
     phase1, p1_config = load_phase1(phase1_dir, device)
     phase1.requires_grad_(False)
+    # The GeoRefiner's position table follows phase2.seq_len (the frozen TempGeo's is Phase I's own).
+    refiner_cfg = replace(refiner_cfg, max_positions=tied_positions(
+        refiner_cfg.max_positions, cfg.seq_len, GeoRefinerConfig.max_positions, "phase2.refiner.max_positions", "phase2.seq_len"))
     model_cfg = VidTAGConfig.from_dict({**p1_config["model"], "refiner": asdict(refiner_cfg)})
     if refiner_cfg.width != model_cfg.frame.out_dim:
         raise TrainingError(f"GeoRefiner width {refiner_cfg.width} must equal the embedding size {model_cfg.frame.out_dim} (Sec. 3.4)")
