@@ -203,3 +203,74 @@ def test_clip_only_backbone_has_no_dino_and_the_same_clip(tiny):
     fp = clip_only.fingerprint()
     assert fp["clip"]["weights_sha256"] == tiny.weights_sha256()["clip"]
     assert fp["dino"]["dim"] == 0 and fp["dino"]["weights_sha256"] is None and fp["dino"]["name"] is None
+
+
+# --- backbone.resize: each backbone's centre crop vs. the whole frame squashed (App. A) ---------------------
+
+
+def test_squash_keeps_the_whole_frame_and_crop_cuts_the_sides(tiny):
+    from torchvision import transforms as T
+
+    squash = build_backbones(BackboneConfig(preset="tiny", image_size=32, resize="squash"))
+    assert squash.weights_sha256() == tiny.weights_sha256()  # same encoders, other input
+    img = _image(40, 72)  # 16:9-ish, as BDD frames are
+    s_clip, s_dino = squash.preprocess(img)
+    c_clip, c_dino = tiny.preprocess(img)
+    whole = T.Resize((32, 32), interpolation=T.InterpolationMode.BICUBIC)(img)
+    expected = torch.from_numpy(np.asarray(whole).copy()).permute(2, 0, 1)
+    assert torch.equal(s_clip, expected) and torch.equal(s_dino, expected)  # both backbones see the whole frame
+    centre = T.CenterCrop(32)(T.Resize(32, interpolation=T.InterpolationMode.BICUBIC)(img))
+    assert torch.equal(c_clip, torch.from_numpy(np.asarray(centre).copy()).permute(2, 0, 1))
+    assert not torch.equal(s_clip, c_clip) and not torch.equal(s_dino, c_dino)
+    # A frame's left edge shows in the squashed input and is cut from the crop.
+    marked = np.asarray(img).copy()
+    marked[:, :6] = 255
+    assert squash.preprocess(Image.fromarray(marked))[0][:, :, 0].float().mean() > 250
+    assert tiny.preprocess(Image.fromarray(marked))[0][:, :, 0].float().mean() < 200
+
+
+def test_resize_is_part_of_the_fingerprint_and_crop_keeps_old_keys(tiny):
+    squash = build_backbones(BackboneConfig(preset="tiny", image_size=32, resize="squash"))
+    fc, fs = tiny.fingerprint(), squash.fingerprint()
+    assert "resize" not in fc["config"]  # stores made before the option existed keep their key
+    assert fs["config"]["resize"] == "squash" and fc != fs
+    assert {fs["preprocessing"][b]["resize_mode"] for b in ("clip", "dino")} == {"squash"}
+    assert {fc["preprocessing"][b]["resize_mode"] for b in ("clip", "dino")} == {"shortest"}
+    assert BackboneConfig.from_dict({**fs["config"]}).resize == "squash"  # what a bundle's config rebuilds
+    assert BackboneConfig.from_dict({**fc["config"]}).resize == "crop"
+    assert BackboneConfig.from_dict({"preset": "tiny", "resize": "squash"}).resize == "squash"  # params form
+    with pytest.raises(ValueError, match="resize must be one of"):
+        BackboneConfig(preset="tiny", resize="stretch")
+
+
+def test_a_resize_change_reextracts_and_predict_uses_the_bundles(tmp_path):
+    import polars as pl
+
+    from test_inference import grid, tiny_bundle
+    from vidtag.data.manifest import write_manifest
+    from vidtag.errors import FeatureStoreError
+    from vidtag.features.extract import ExtractConfig, extract_features
+    from vidtag.features.store import StoreLayout, load_features
+    from vidtag.predict import backbones_for_bundle
+
+    (tmp_path / "f").mkdir()
+    for t in range(3):
+        _image(36, 60, seed=t).save(tmp_path / "f" / f"{t}.png")
+    df = pl.DataFrame({"sequence_id": ["s"] * 3, "frame_index": [0, 1, 2], "image_path": [f"{t}.png" for t in range(3)],
+                       "lat": [1.0] * 3, "lon": [2.0] * 3, "split": ["train"] * 3}, schema_overrides={"frame_index": pl.Int32})
+    m = write_manifest(df, tmp_path / "m.parquet", tmp_path / "f")
+    run = ExtractConfig(batch_size=3, num_workers=0, device="cpu", layout=StoreLayout(shard_rows=4, chunk_rows=4))
+    crop_cfg, squash_cfg = BackboneConfig(preset="tiny", image_size=32), BackboneConfig(preset="tiny", image_size=32, resize="squash")
+    extract_features(m, tmp_path / "s.zarr", crop_cfg, run, progress=False)
+    with pytest.raises(FeatureStoreError, match="backbones.config.resize.*differ|differ.*resize"):
+        extract_features(m, tmp_path / "s.zarr", squash_cfg, run, progress=False)
+    extract_features(m, tmp_path / "s.zarr", squash_cfg, run, progress=False, overwrite=True)
+    squashed = load_features(tmp_path / "s.zarr")
+    assert squashed.attrs["backbones"]["config"]["resize"] == "squash"
+    extract_features(m, tmp_path / "c.zarr", crop_cfg, run, progress=False)
+    assert not np.array_equal(np.asarray(squashed.clip), np.asarray(load_features(tmp_path / "c.zarr").clip))
+
+    # The bundle records the store's backbones; predict rebuilds them with the same preprocessing.
+    bundle = tiny_bundle(tmp_path / "model", grid(), backbones=dict(squashed.attrs["backbones"]), dims=(32, 48))
+    bb = backbones_for_bundle(bundle, torch.device("cpu"))
+    assert bb.cfg.resize == "squash" and bb.fingerprint()["preprocessing"] == squashed.attrs["preprocessing"]

@@ -31,6 +31,11 @@ from vidtag.errors import BackboneError, ConfigError  # BackboneError re-exporte
 from vidtag.fingerprint import sha256_state
 
 PRESETS = ("real", "tiny", "real-arch")
+# How a frame becomes the backbones' square input. "crop": each backbone's own processor (open_clip's and
+# DINOv2's resize of the shortest side + centre crop: a 4:3 frame loses ~12 % of its width per side, a
+# 16:9 one ~22 %). "squash": the whole frame resized to image_size x image_size (App. A: frames "resized to
+# 224x224"), aspect ratio not kept, nothing cut away.
+RESIZE_MODES = ("crop", "squash")
 
 # Small but real ViTs: enough depth/width to exercise every layer type, fast on 2 CPU cores.
 # Different output dims for the two backbones so a swapped array cannot go unnoticed.
@@ -62,10 +67,13 @@ class BackboneConfig:
     dino_name: str = "facebook/dinov2-large"  # Sec. 3.1 / App. A: DINOv2 ViT-L/14; HF id (cached) or local dir
     image_size: int = 224  # App. A: frames resized to 224x224
     seed: int = 0  # initialises the random presets; ignored by "real"
+    resize: str = "crop"  # RESIZE_MODES: "crop" (each backbone's centre crop; stores made before this option) | "squash" (App. A)
 
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ConfigError(f"backbone preset must be one of {PRESETS}, got {self.preset!r}")
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"backbone resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         if self.image_size < 16:
             raise ConfigError(f"backbone image_size must be >= 16 px, got {self.image_size}")
 
@@ -86,7 +94,7 @@ class BackboneConfig:
 class Preprocessor:
     """PIL image -> two uint8 CHW crops (CLIP's and DINOv2's); picklable for DataLoader workers.
 
-    Only the geometric part runs here (resize + centre crop); scaling to [0, 1] and mean/std happen in
+    Only the geometric part runs here (resize + centre crop, or the whole frame squashed); scaling to [0, 1] and mean/std happen in
     :meth:`DualBackbone.encode` on the device, so workers ship 4x fewer bytes and the GPU does the maths.
     """
 
@@ -202,10 +210,16 @@ class DualBackbone(nn.Module):
         return self._weights_sha256
 
     def fingerprint(self) -> dict[str, Any]:
-        """Everything that shapes the features: config, weights' hashes, dims, preprocessing, compute dtype."""
+        """Everything that shapes the features: config, weights' hashes, dims, preprocessing, compute dtype.
+
+        ``resize`` is recorded (config and each backbone's preprocessing) when it is "squash"; "crop" is what
+        every store was made with before the option existed, so it is left out and those stores keep their key."""
         sha = self.weights_sha256()
+        config = asdict(self.cfg)
+        if config["resize"] == "crop":
+            del config["resize"]
         return {
-            "config": asdict(self.cfg),
+            "config": config,
             "clip": {"arch": self.sources["clip_arch"], "weights": self.sources["clip"], "weights_sha256": sha["clip"],
                      "dim": self.dims[0], "output": "projected image embedding"},
             "dino": {"name": self.sources["dino_name"], "weights": self.sources["dino"], "weights_sha256": sha["dino"],
@@ -285,7 +299,7 @@ def _build_clip(cfg: BackboneConfig) -> tuple[nn.Module, dict[str, Any], str]:
     if cfg.preset != "tiny" and size != cfg.image_size:
         raise BackboneError(f"CLIP {cfg.clip_arch} expects {size} px images but backbone.image_size is "
                             f"{cfg.image_size}; set backbone.image_size: {size}")
-    resize_mode = pp.get("resize_mode") or "shortest"
+    resize_mode = "squash" if cfg.resize == "squash" else (pp.get("resize_mode") or "shortest")
     clip_pp = {"resize_px": int(size), "crop_px": int(size), "resize_mode": resize_mode,
                "interpolation": pp.get("interpolation") or "bicubic",
                "mean": [float(m) for m in pp["mean"]], "std": [float(s) for s in pp["std"]]}
@@ -328,7 +342,11 @@ def _build_dino(cfg: BackboneConfig) -> tuple[nn.Module, dict[str, Any], str]:
         resize = int(size_cfg.get("shortest_edge", resize))
         interp = {2: "bilinear", 3: "bicubic"}.get(int(getattr(proc, "resample", 3)), "bicubic")
         src = cfg.dino_name
-    dino_pp = {"resize_px": resize, "crop_px": crop, "resize_mode": "shortest", "interpolation": interp,
+    if cfg.resize == "squash":  # the whole frame to crop x crop: no shorter-side resize, nothing cut away
+        resize, mode = crop, "squash"
+    else:
+        mode = "shortest"
+    dino_pp = {"resize_px": resize, "crop_px": crop, "resize_mode": mode, "interpolation": interp,
                "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
     return model, dino_pp, src
 
