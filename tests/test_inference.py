@@ -274,3 +274,85 @@ def test_position_tables_follow_seq_len_or_a_contradiction_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"phase2.refiner.max_positions=8 but phase2.seq_len=4"):
         train_phase2(world, world.manifest, gallery_file, world.gallery, tmp_path / "p1", tmp_path / "m2", tmp_path / "ck2", p2,
                      GeoRefinerConfig(**{**TINY_MODEL.refiner.__dict__, "max_positions": 8}), runtime=RT2)
+
+
+# --- CityGuessr68k: city / state / country / continent accuracy from the manifest's hierarchy (Table 3) -----
+
+HIERARCHY = {  # city -> (state, country, continent): c0 and c1 share a state, c2 another state of the same country
+    "c0": ("s0", "k0", "EU"), "c1": ("s0", "k0", "EU"), "c2": ("s1", "k0", "EU"), "c3": ("s2", "k1", "AS"),
+    "c4": ("s3", "k2", "AS"), "c5": ("s4", "k3", "AM"),
+}
+CENTRES = {"c0": (48.85, 2.35), "c1": (45.76, 4.84), "c2": (43.30, 5.37), "c3": (35.68, 139.69), "c4": (37.57, 126.98),
+           "c5": (40.71, -74.00)}
+
+
+def _labelled(cities, n_frames, split="val"):
+    rows = []
+    for i, c in enumerate(cities):
+        for t in range(n_frames):
+            rows.append({"sequence_id": f"v{i:02d}", "frame_index": t, "lat": CENTRES[c][0], "lon": CENTRES[c][1], "split": split,
+                         "city": c, "state": HIERARCHY[c][0], "country": HIERARCHY[c][1], "continent": HIERARCHY[c][2]})
+    return pl.DataFrame(rows, schema_overrides={"frame_index": pl.Int32})
+
+
+def test_label_predictor_reads_the_gallery_label_and_the_manifests_hierarchy():
+    from vidtag.evaluation import LabelPredictor
+    from vidtag.geo import offset_km
+
+    gallery = pl.DataFrame({"lat": [CENTRES[c][0] for c in CENTRES] + [CENTRES["c3"][0]],
+                            "lon": [CENTRES[c][1] for c in CENTRES] + [CENTRES["c3"][1]], "label": [*CENTRES, "c9"]})
+    manifest = _labelled(list(CENTRES), 2)
+    noisy = manifest.head(1).with_columns(pl.lit("s9").alias("state"), pl.lit("zz").alias("sequence_id"))  # a minority label
+    lp = LabelPredictor.build(gallery, {"region_column": "city"}, pl.concat([manifest, noisy]))
+    near_c0 = offset_km(np.array([CENTRES["c0"][0]]), np.array([CENTRES["c0"][1]]), 3.0, -2.0)  # off the gallery (refined)
+    lat = np.array([CENTRES["c1"][0], CENTRES["c2"][0], CENTRES["c3"][0], float(near_c0[0][0]), CENTRES["c5"][0]])
+    lon = np.array([CENTRES["c1"][1], CENTRES["c2"][1], CENTRES["c3"][1], float(near_c0[1][0]), CENTRES["c5"][1]])
+    cols = {s.name: s.to_list() for s in lp.columns(lat, lon)}
+    assert cols["pred_city"] == ["c1", "c2", "c3", "c0", "c5"]  # c3's twin "c9" listed later loses the tie
+    assert cols["pred_state"] == ["s0", "s1", "s2", "s0", "s4"]  # c0's state is its most common one, not the noise
+    assert cols["pred_country"] == ["k0", "k0", "k1", "k0", "k3"] and cols["pred_continent"] == ["EU", "EU", "AS", "EU", "AM"]
+    assert LabelPredictor.build(gallery.drop("label"), {}, manifest) is None
+    assert LabelPredictor.build(gallery, {}, manifest.drop("city")) is None
+    country_level = LabelPredictor.build(gallery.with_columns(pl.Series("label", ["k0", "k0", "k0", "k1", "k2", "k3", "k1"])),
+                                         {"region_column": "country"}, manifest)
+    assert [s.name for s in country_level.columns(lat, lon)] == ["pred_country", "pred_continent"]
+
+
+def test_evaluation_fills_city_state_country_continent_accuracy(tmp_path):
+    from vidtag.evaluation import EvalConfig, EvalRuntime, run_evaluation, summary
+    from vidtag.gallery import build_gallery, write_gallery
+    from vidtag.metrics import evaluate
+
+    train = _labelled(list(CENTRES), 3, "train")
+    val = _labelled(["c0", "c1", "c2", "c3", "c4", "c5", "c1", "c3"], 4).with_columns(pl.format("val{}", "sequence_id").alias("sequence_id"))
+    manifest = pl.concat([train, val])
+    gal_df, meta = build_gallery(manifest, "city_centres")
+    write_gallery(gal_df, meta, tmp_path / "cities.parquet")
+    cfg = VidTAGConfig.from_dict(TINY_MODEL)
+    frame, loc, refiner = build_models(cfg, seed=3)
+    save_bundle(tmp_path / "model", Bundle(frame, loc, refiner, torch.tensor(2.0), {"model": cfg.to_dict(), "backbones": None,
+                                           "feature_dims": {"clip": DC, "dino": DD}}, tmp_path / "cities.parquet"))
+    bundle = load_bundle(tmp_path / "model", "cpu")
+    clip, dino, _ = features([manifest.height], seed=11)
+    from types import SimpleNamespace
+
+    feats = SimpleNamespace(clip=clip, dino=dino, valid=np.ones(manifest.height, bool))
+    res = run_evaluation(bundle, feats, manifest, EvalConfig(), runtime=EvalRuntime(device="cpu"), cache_dir=tmp_path / "emb")
+    p = res.predictions
+    # Independently: the predicted point is a city centre; its city's place in HIERARCHY gives the coarser labels.
+    by_point = {v: k for k, v in CENTRES.items()}
+    for prefix, lat_col, lon_col, got in (("", "lat", "lon", res.metrics["city_frame"]),
+                                          ("phase1 ", "phase1_lat", "phase1_lon", res.metrics["phase1"]["city_frame"])):
+        city = [by_point[(a, b)] for a, b in zip(p[lat_col], p[lon_col])]
+        truth = list(zip(p["city"], p["state"], p["country"], p["continent"]))
+        for k, level in enumerate(("city", "state", "country", "continent")):
+            want = 100.0 * np.mean([(c if k == 0 else HIERARCHY[c][k - 1]) == t[k] for c, t in zip(city, truth)])
+            assert got[level] == pytest.approx(want), (prefix, level)
+    assert p["pred_city"].to_list() == [by_point[(a, b)] for a, b in zip(p["lat"], p["lon"])]
+    video = res.metrics["city"]  # per video (metrics.evaluate's default for labels)
+    assert set(video) == {"city", "state", "country", "continent"}
+    assert video["city"] <= video["state"] <= video["country"] <= video["continent"]
+    assert video == evaluate(p.select("sequence_id", "frame_index", "lat", "lon", "gt_lat", "gt_lon", "city", "state", "country",
+                                      "continent", "pred_city", "pred_state", "pred_country", "pred_continent"))["city"]
+    assert set(res.metrics["phase1"]["city"]) == set(video)
+    assert "labels" in summary(res.metrics) and "per frame" in summary(res.metrics)

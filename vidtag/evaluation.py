@@ -30,7 +30,7 @@ import torch
 from vidtag.decode import DECODE_METHODS, DecodeError, step_scale_km
 from vidtag.errors import EvaluationError
 from vidtag.gallery import read_gallery
-from vidtag.geo import haversine_km
+from vidtag.geo import haversine_km, unit_vectors
 from vidtag.inference import InferenceConfig, Located, frame_table, gallery_latlon, locate_sequences, offsets_from_sequence_ids
 from vidtag.io import atomic_path, write_json_atomic, write_parquet_atomic
 from vidtag.metrics import LABEL_LEVELS, evaluate, per_sequence
@@ -78,7 +78,7 @@ def inference_config(cfg: EvalConfig, runtime: EvalRuntime, step_km: float | Non
 
 def train_step_km(manifest: pl.DataFrame) -> float | None:
     """The decoder's step scale measured on the training split's tracks (``decode.step_scale_km``); None
-    when it has no track of two geotagged frames. Frames without coordinates are skipped."""
+    when it has no track of two geotagged frames, or its tracks never move. Frames without coordinates are skipped."""
     if "split" not in manifest.columns:
         return None
     t = manifest.filter((pl.col("split") == "train") & pl.col("lat").is_not_null() & pl.col("lon").is_not_null())
@@ -86,9 +86,11 @@ def train_step_km(manifest: pl.DataFrame) -> float | None:
         return None
     offsets, _ = offsets_from_sequence_ids(t["sequence_id"].to_list())
     try:
-        return step_scale_km(t.select(pl.col("lat").cast(pl.Float64), pl.col("lon").cast(pl.Float64)).to_numpy(), offsets)
+        step = step_scale_km(t.select(pl.col("lat").cast(pl.Float64), pl.col("lon").cast(pl.Float64)).to_numpy(), offsets)
     except DecodeError:
         return None
+    # Tracks that never move (CityGuessr68k labels every frame with its city centre, Sec. 5.3) give no scale.
+    return step if step > 0 else None
 
 
 def split_timestamps(m: pl.DataFrame) -> np.ndarray | None:
@@ -110,6 +112,73 @@ def compact_metrics(pred: pl.DataFrame) -> dict[str, float]:
     return {"frame_acc_0.5km": f["acc_0.5km"], "frame_acc_1km": f["acc_1km"], "frame_median_km": f["median_km"],
             "frames_off_25km_pct": 100.0 - f["acc_25km"], "video_acc_1km": v["acc_1km"], "video_median_km": v["median_km"],
             "dfd_km": t["dfd_km"], "mrd_km": t["mrd_km"]}
+
+
+@dataclass(frozen=True)
+class LabelPredictor:
+    """Place labels of predicted points (Table 3: city, state, country, continent accuracy on CityGuessr68k).
+
+    The gallery's ``label`` names its points at one level (``city`` for a city-centre gallery, Sec. 5.3):
+    a prediction's label is its gallery point's (the nearest point when refinement moved it off the
+    gallery; exact coordinates first, the lowest index among equal ones, as retrieval breaks ties). The
+    coarser levels come from the manifest's own hierarchy: each label's most common state, country and
+    continent over all its rows (ties: alphabetical)."""
+
+    level: str  # the gallery labels' level, one of LABEL_LEVELS
+    labels: np.ndarray  # (G,) str, gallery order
+    xyz: np.ndarray  # (G, 3) float64 unit vectors of the gallery points
+    exact: pl.DataFrame  # lat, lon, _g: the first gallery index at each distinct point
+    hierarchy: dict[str, dict[str, str]]  # coarser level -> {label: its value at that level}
+
+    @classmethod
+    def build(cls, gallery: pl.DataFrame, meta: dict, manifest: pl.DataFrame) -> "LabelPredictor | None":
+        """None when there is nothing to score: no ``label`` in the gallery or no such column in the manifest."""
+        level = meta.get("region_column") or "city"
+        if "label" not in gallery.columns or level not in LABEL_LEVELS or level not in manifest.columns:
+            return None
+        lat, lon = (gallery[c].cast(pl.Float64).to_numpy() for c in ("lat", "lon"))
+        exact = (gallery.select(pl.col("lat").cast(pl.Float64), pl.col("lon").cast(pl.Float64))
+                 .with_row_index("_g").unique(["lat", "lon"], keep="first", maintain_order=True))
+        coarser = [c for c in LABEL_LEVELS[LABEL_LEVELS.index(level) + 1:] if c in manifest.columns]
+        known = manifest.filter(pl.col(level).is_not_null())
+        hierarchy = {}
+        for c in coarser:
+            best = (known.filter(pl.col(c).is_not_null()).group_by(pl.col(level).cast(pl.String), pl.col(c).cast(pl.String))
+                    .len().sort(["len", c], descending=[True, False]).unique(level, keep="first"))
+            hierarchy[c] = dict(best.select(level, c).iter_rows())
+        return cls(level, gallery["label"].cast(pl.String).to_numpy().astype(object), unit_vectors(lat, lon), exact, hierarchy)
+
+    def gallery_index(self, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+        """(M,) gallery row of each point: the point itself where it is a gallery point, else the nearest."""
+        q = pl.DataFrame({"lat": np.asarray(lat, np.float64), "lon": np.asarray(lon, np.float64)})
+        idx = q.join(self.exact, on=["lat", "lon"], how="left", maintain_order="left")["_g"].to_numpy().astype(np.float64)
+        off = np.flatnonzero(np.isnan(idx))
+        if off.size:
+            pts = unit_vectors(q["lat"].to_numpy()[off], q["lon"].to_numpy()[off])  # (M', 3)
+            step = max(1, 4_000_000 // len(self.xyz))
+            idx[off] = np.concatenate([(pts[i:i + step] @ self.xyz.T).argmax(axis=1) for i in range(0, len(pts), step)])
+        return idx.astype(np.int64)
+
+    def columns(self, lat: np.ndarray, lon: np.ndarray, prefix: str = "pred_") -> list[pl.Series]:
+        """``pred_<level>`` and ``pred_<coarser level>`` for each point (null where the hierarchy lacks the label)."""
+        own = self.labels[self.gallery_index(lat, lon)]
+        out = [pl.Series(f"{prefix}{self.level}", own.tolist(), dtype=pl.String)]
+        for c, mapping in self.hierarchy.items():
+            out.append(pl.Series(f"{prefix}{c}", [mapping.get(v) for v in own], dtype=pl.String))
+        return out
+
+
+def frame_label_accuracy(pred: pl.DataFrame) -> dict[str, float]:
+    """Percent of frames whose ``pred_<level>`` equals the frame's own label, per level (frames without a label
+    are left out); the per-video accuracies are ``metrics.evaluate``'s ``city`` group."""
+    out = {}
+    for c in LABEL_LEVELS:
+        if c in pred.columns and f"pred_{c}" in pred.columns:
+            known = pred.filter(pl.col(c).is_not_null())
+            if known.height:
+                hit = known[c].cast(pl.String) == known[f"pred_{c}"].cast(pl.String)
+                out[c] = float(100.0 * hit.fill_null(False).mean())
+    return out
 
 
 @dataclass
@@ -168,7 +237,7 @@ def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = E
     offsets, ids = offsets_from_sequence_ids(m["sequence_id"].to_list())
     if len(set(ids)) != len(ids):
         raise EvaluationError("manifest rows of a sequence are not contiguous; the manifest must be sorted by (sequence_id, frame_index)")
-    gal_df, _ = read_gallery(bundle.gallery_path)
+    gal_df, gal_meta = read_gallery(bundle.gallery_path)
     gallery = gallery_latlon(gal_df, bundle.gallery_path)
 
     # Temporal decoding: timestamps where the manifest has them, else the training tracks' step scale.
@@ -188,18 +257,24 @@ def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = E
                                       always_decode=can_decode)
     locate_s = time.perf_counter() - t0
     pred, n_unpredicted = _with_truth(frame_table(found, gallery, valid, offsets, ids, decoded=cfg.decode == "viterbi"), m, gallery)
-    extra = [c for c in LABEL_LEVELS if c in m.columns]
-    if "label" in gal_df.columns and "city" in extra:
-        # City-centre galleries (CityGuessr68k) carry the city name: the predicted label is the label of the predicted point.
-        lookup = gal_df.select(pl.col("lat").cast(pl.Float64), pl.col("lon").cast(pl.Float64), pl.col("label").alias("pred_city")).unique(["lat", "lon"])
-        pred = pred.join(lookup, on=["lat", "lon"], how="left", maintain_order="left")
+    # Labelled galleries (CityGuessr68k's city centres): each frame's predicted city and, from the manifest's
+    # hierarchy, its state, country and continent (Table 3).
+    labels = LabelPredictor.build(gal_df, gal_meta, manifest)
+    if labels is not None:
+        pred = pred.with_columns(*labels.columns(pred["lat"].to_numpy(), pred["lon"].to_numpy()))
     cols = ["sequence_id", "frame_index", "lat", "lon", "gt_lat", "gt_lon", "phase1_lat", "phase1_lon", "confidence", "valid"]
     pred = pred.select(cols + [c for c in pred.columns if c not in cols])
 
     metrics = evaluate(pred, gallery)
     phase1_df = pred.select("sequence_id", "frame_index", "gt_lat", "gt_lon", lat="phase1_lat", lon="phase1_lon")
+    if labels is not None:
+        phase1_df = phase1_df.with_columns(*[pred[c] for c in LABEL_LEVELS if c in pred.columns],
+                                           *labels.columns(phase1_df["lat"].to_numpy(), phase1_df["lon"].to_numpy()))
     p1 = evaluate(phase1_df, gallery)
-    metrics["phase1"] = {k: p1[k] for k in ("frame", "video", "trajectory", "shape") if k in p1}
+    metrics["phase1"] = {k: p1[k] for k in ("frame", "video", "trajectory", "shape", "city") if k in p1}
+    if labels is not None:
+        metrics["city_frame"] = frame_label_accuracy(pred)
+        metrics["phase1"]["city_frame"] = frame_label_accuracy(phase1_df)
     metrics["n_frames_unpredicted"] = n_unpredicted
     metrics["n_frames_invalid"] = int((~pred["valid"]).sum())
     metrics["mean_confidence"] = float(pred["confidence"].mean())
@@ -287,4 +362,6 @@ def summary(metrics: dict[str, Any]) -> str:
                                                for stage, g in group.items()))
     if metrics.get("city"):
         lines.append("labels     " + "  ".join(f"{k}={v:.1f}%" for k, v in metrics["city"].items() if v is not None))
+    if metrics.get("city_frame"):
+        lines.append("per frame  " + "  ".join(f"{k}={v:.1f}%" for k, v in metrics["city_frame"].items()))
     return "\n".join(lines)
