@@ -57,3 +57,17 @@ def test_city_table_never_guesses():
     assert t["lat"][0] == 48.0 and t["coord_source"][0] == "table"
     with pytest.raises(ManifestError, match="Nowhere"):
         build_city_table(pl.DataFrame({"city_id": ["6"], "name": ["Nowhere"]}))
+
+
+def test_all_frames_splits_keep_every_frame_of_their_videos(cg):
+    """App. C evaluates every frame of a CityGuessr video; training keeps the official loader's subsample."""
+    labels = {"train": cg / "train.txt", "val": cg / "val.txt"}
+    df, _ = read_cityguessr(cg, labels, cg / "cities.csv", all_frames_splits=["val"])
+    v1, v2 = (df.filter(pl.col("sequence_id") == f"videos/v{k}") for k in (1, 2))
+    assert v1.height == 6  # train: every 5th frame of 30
+    assert v2["image_path"].to_list() == [f"videos/v2/frame_{k}.jpg" for k in range(1, 13)]  # val: all 12, in order
+    assert v2["frame_index"].to_list() == list(range(12))
+    sub, _ = read_cityguessr(cg, labels, cg / "cities.csv")
+    assert sub.filter(pl.col("sequence_id") == "videos/v2").height == 3  # frames 1, 6, 11
+    with pytest.raises(ValueError, match="all_frames_splits"):
+        read_cityguessr(cg, labels, cg / "cities.csv", all_frames_splits=["everything"])

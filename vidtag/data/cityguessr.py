@@ -136,17 +136,23 @@ def _read_labels(path: Path) -> pl.DataFrame:
 
 def read_cityguessr(root: str | os.PathLike, labels: dict[str, str | os.PathLike], city_table: str | os.PathLike | pl.DataFrame,
                     *, hierarchy: str | os.PathLike | None = None, frame_step: int = 5, max_frames: int | None = 16,
-                    skip_bad: bool = False, allow_outside_root: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
+                    all_frames_splits: tuple[str, ...] | list[str] = (), skip_bad: bool = False,
+                    allow_outside_root: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Manifest rows for CityGuessr68k; returns ``(df, skipped)``.
 
     ``labels``: split -> label file; ``frames_dir`` entries resolve against ``root``. Each video keeps
-    every ``frame_step``-th frame (sorted names) up to ``max_frames`` (the official loader: 5 and 16).
+    every ``frame_step``-th frame (sorted names) up to ``max_frames`` (the official loader: 5 and 16),
+    except in ``all_frames_splits`` (e.g. ``("val", "test")``), whose videos keep every frame: App. C
+    evaluates on all frames of a video, not a subsample; training keeps the loader's 16.
     Label columns hold the dataset's ids as strings; lat/lon are the city centre from ``city_table``.
     A ``frames_dir`` (or frame) resolving outside ``root`` is not read: a bad row, unless ``allow_outside_root``.
     """
     root = Path(root)
     if frame_step < 1:
         raise ConfigError(f"frame_step must be >= 1, got {frame_step}")
+    all_frames = set(all_frames_splits or ())
+    if not all_frames <= set(SPLITS):
+        raise ConfigError(f"all_frames_splits must name splits among {SPLITS}, got {sorted(all_frames)}")
     table = build_city_table(city_table)  # validated whatever its form; given coordinates are kept
     centres = {r["city_id"]: (r["lat"], r["lon"]) for r in table.iter_rows(named=True)}
     maps = None
@@ -180,7 +186,8 @@ def read_cityguessr(root: str | os.PathLike, labels: dict[str, str | os.PathLike
             names = list_frames(folder) if reason is None and folder.is_dir() else []
             if reason is None and not names:
                 reason = "frames folder missing or without images"
-            names = names[::frame_step][:max_frames]
+            if split not in all_frames:
+                names = names[::frame_step][:max_frames]
             lat, lon = centres.get(r["city_id"], (None, None))
             base = dict(sequence_id=r["frames_dir"] or f"{lpath.name}:{r['_row']}", lat=lat, lon=lon, split=split,
                         city=r["city_id"], state=r["state_id"], country=r["country_id"], continent=r["continent_id"],
