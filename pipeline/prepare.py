@@ -23,7 +23,8 @@ def main() -> None:
     Path(args.generated).mkdir(parents=True, exist_ok=True)
     root = args.generated if source == "toy" else data["root"]
     m = ingest(source, root, args.out, val_fraction=data.get("val_fraction", 0.2), seed=p["seed"],
-               skip_bad=data.get("skip_bad", False), options=data.get(source) or {})
+               skip_bad=data.get("skip_bad", False), min_frames=data.get("min_frames"),
+               allow_outside_root=data.get("allow_outside_root", False), options=data.get(source) or {})
     print(m)
 
 

@@ -11,7 +11,7 @@ import polars as pl
 import torch
 
 from vidtag.device import resolve_device
-from vidtag.errors import TrainingError
+from vidtag.errors import ConfigError, TrainingError
 from vidtag.features.sequences import SequenceTable, build_sequences
 from vidtag.features.source import feature_source
 from vidtag.inference import Locator
@@ -22,9 +22,12 @@ from vidtag.models.georefiner import GeoRefiner
 from vidtag.seeding import seeded
 from vidtag.train import loop
 from vidtag.train.batches import sample_frames
-from vidtag.train.losses import weighted_hinge_loss
+from vidtag.train.losses import refined_contrastive_loss, weighted_hinge_loss
 from vidtag.train.noise import NoiseConfig, corrupt_gps
 from vidtag.train.phase1 import Phase1Model, load_phase1, retrieval_metrics, tied_positions
+
+
+PHASE2_LOSSES = ("hinge", "contrastive")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class Phase2Config:
     lr_gamma: float = 0.95  # Appendix A: StepLR decay, once per epoch
     warmup_steps: int = 1000  # Appendix A
     sampling: str = "subset"  # as Phase I (vidtag.train.batches.sample_frames)
+    loss: str = "hinge"  # hinge: Eqs. 2-5 | contrastive: refined_contrastive_loss (beyond the paper, see there)
     alpha: float = 10.0  # Sec. 3.5, Table 7: weight of negative pairs
     beta: float = 1.0  # Sec. 3.5, Table 7: weight of positive pairs
     video_weight: float = 1.0  # Eq. 5 sums L_f and L_v with weight 1
@@ -46,6 +50,10 @@ class Phase2Config:
     jitter_max_deg: float = 0.02
     shift_max_deg: float = 0.2
     seed: int = 0
+
+    def __post_init__(self):
+        if self.loss not in PHASE2_LOSSES:
+            raise ConfigError(f"phase2.loss must be one of {PHASE2_LOSSES}; got {self.loss!r}")
 
     @property
     def noise(self) -> NoiseConfig:
@@ -127,7 +135,10 @@ def train_phase2(
             g_true[valid] = phase1.location_encoder(latlon[valid])
             g_noisy[valid] = phase1.location_encoder(noisy[valid])
         refined = refiner(frame_emb, g_noisy, pad)  # (B, T, D)
-        loss, parts = weighted_hinge_loss(refined, g_true, pad, cfg.alpha, cfg.beta, cfg.video_weight)
+        if cfg.loss == "contrastive":
+            loss, parts = refined_contrastive_loss(refined, g_true, phase1.logit_scale, pad, cfg.video_weight)
+        else:
+            loss, parts = weighted_hinge_loss(refined, g_true, pad, cfg.alpha, cfg.beta, cfg.video_weight)
         return loss, parts, int(valid.sum())
 
     phase = loop.Phase(
