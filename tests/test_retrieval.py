@@ -55,7 +55,8 @@ def test_torch_backend_tiles_gallery_and_queries_and_merges():
     rng = np.random.default_rng(1)
     g = rng.normal(size=(997, 16)).astype(np.float32)
     q = rng.normal(size=(41, 16)).astype(np.float32)
-    idx = GalleryIndex.build(g, "torch", gallery_chunk=100, score_budget=700)  # 10 tiles, 7 queries at a time
+    # 41 queries meet 17 gallery rows at a time (700 // 41): 59 tiles, the last one 11 rows
+    idx = GalleryIndex.build(g, "torch", gallery_chunk=100, score_budget=700)
     scores, index = idx.search(q, k=12)
     ref_s, ref_i = brute_force(q, g, 12)
     np.testing.assert_array_equal(index, ref_i)
@@ -103,6 +104,137 @@ def test_ivf_option_finds_exact_neighbours_when_probing_all_lists():
 def test_bad_input_is_refused_with_a_clear_message(q, g, k, backend, message):
     with pytest.raises(RetrievalError, match=message):
         search(q, g, k=k, backend=backend)
+
+
+# -- tiling, ties across tiles and shards, half precision with a certified short list ------------------
+
+
+def tie_world(seed=0, n_base=6, repeats=40, n_q=23, dim=8):
+    """Small-integer rows repeated many times in shuffled order: exact scores with many ties, spread over
+    every tile and shard, so the lowest-index rule is tested where tiles and shards meet."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(-2, 3, size=(n_base, dim)).astype(np.float32)
+    g = np.repeat(base, repeats, axis=0)[rng.permutation(n_base * repeats)]
+    q = rng.integers(-2, 3, size=(n_q, dim)).astype(np.float32)
+    return q, g
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 45])
+@pytest.mark.parametrize(("query_chunk", "gallery_chunk", "score_budget"), [(5, 13, 10**6), (23, 64, 10**6), (4, 1000, 30), (1, 1, 1)])
+def test_ties_across_tiles_go_to_the_lowest_index(k, query_chunk, gallery_chunk, score_budget):
+    q, g = tie_world()
+    idx = GalleryIndex.build(g, "torch", query_chunk=query_chunk, gallery_chunk=gallery_chunk, score_budget=score_budget)
+    scores, index = idx.search(q, k)
+    ref_s, ref_i = brute_force(q, g, k)
+    np.testing.assert_array_equal(index, ref_i)
+    np.testing.assert_array_equal(scores, ref_s.astype(np.float32))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("k", [1, 6, 130])
+def test_shards_answer_like_one_gallery(precision, k):
+    """The gallery split over three 'devices' (CPU shards of 80 rows), ties straddling the shard boundaries."""
+    q, g = tie_world(seed=1)
+    sharded = GalleryIndex.build(g, "torch", "cpu", precision=precision, shard_devices=["cpu", "cpu", "cpu"], gallery_chunk=32)
+    assert [len(s) for s in sharded._shards] == [80, 80, 80]
+    scores, index = sharded.search(torch.from_numpy(q), k)
+    ref_s, ref_i = brute_force(q, g, k)
+    np.testing.assert_array_equal(index.numpy(), ref_i)
+    np.testing.assert_allclose(scores.numpy(), ref_s)
+
+
+def test_tiling_of_a_real_sized_batch_equals_brute_force():
+    rng = np.random.default_rng(4)
+    g = unit(rng.normal(size=(5000, 48))).astype(np.float32)
+    q = unit(rng.normal(size=(300, 48))).astype(np.float32)
+    idx = GalleryIndex.build(g, "torch", query_chunk=128, gallery_chunk=1024, score_budget=128 * 700)
+    assert idx._tiles(300) == (128, 700)
+    for k in (1, 3):
+        np.testing.assert_array_equal(idx.search(q, k)[1], brute_force(q, g, k)[1])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_bound_holds_where_rounding_errors_add_up(precision):
+    """|fp32 re-score - half score| <= a + b |half score| on adversarial rows: every component rounds the
+    same way (query and gallery rows equal up to sign patterns), tiny components near fp16's subnormals."""
+    rng = np.random.default_rng(5)
+    d = 64
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    ulp = torch.finfo(dtype).eps
+    base = 1 + 0.49 * ulp * np.arange(1, d + 1) / d  # just below half an ulp above 1: all round down
+    rows = [base, -base, base * 1e-5, base * rng.uniform(0.5, 2, d), rng.normal(size=d)]
+    g = np.stack(rows + [r * s for r in rows for s in (1.0, 0.3)]).astype(np.float32)
+    q = g.copy()
+    idx = GalleryIndex.build(g, "torch", precision=precision)
+    sh = idx._shards[0]
+    qt = torch.from_numpy(q)
+    half = (qt.to(dtype) @ sh.half.T).float()  # (Q, G) what the short list is chosen by
+    exact = torch.einsum("qd,gd->qg", qt, sh.g32)
+    a, b = idx._error_bound(sh, qt)
+    err = (exact - half).abs()
+    assert (err <= a[:, None] + b * half.abs()).all()
+    assert (err.amax(dim=1) > 0.05 * a).any()  # the bound is not absurdly loose on these rows
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_falls_back_to_fp32_where_it_cannot_certify(precision):
+    """40 rows within 1e-2 of the query's direction (scores within ~1e-3 of each other, far apart for fp32):
+    half precision cannot rank them, the short list (8) cannot hold them all, so the bound sends the query
+    to fp32, and the answer is still brute force's."""
+    rng = np.random.default_rng(6)
+    d = 32
+    q = unit(rng.normal(size=(3, d))).astype(np.float32)
+    near = unit(q[0] + 1e-2 * rng.normal(size=(40, d))).astype(np.float32)
+    far = unit(rng.normal(size=(500, d))).astype(np.float32)
+    g = np.concatenate([far[:250], near, far[250:]])
+    idx = GalleryIndex.build(g, "torch", precision=precision, rescore=8, gallery_chunk=128)
+    scores, index = idx.search(q, 5)
+    ref_s, ref_i = brute_force(q, g, 6)
+    assert np.diff(-ref_s, axis=1).min() > 1e-6  # fp32 can rank them: any disagreement would be ours
+    np.testing.assert_array_equal(index, ref_i[:, :5])
+    assert idx.n_fallback >= 1  # the crowded query was searched again in fp32
+    clear = GalleryIndex.build(far, "torch", precision=precision, rescore=8)
+    clear.search(unit(rng.normal(size=(20, d))).astype(np.float32), 1)
+    assert clear.n_fallback == 0  # well-separated rows are certified from the short list
+
+
+def test_fp16_refuses_a_gallery_beyond_its_range():
+    g = np.full((4, 3), 1e5, np.float32)
+    with pytest.raises(RetrievalError, match="too large for fp16"):
+        GalleryIndex.build(g, "torch", precision="fp16")
+    assert GalleryIndex.build(g, "torch", "cpu", precision="auto").precision == "fp32"
+
+
+def test_faiss_holds_the_gallery_once():
+    g = unit(np.random.default_rng(7).normal(size=(100, 8))).astype(np.float32)
+    idx = GalleryIndex.build(g, "faiss")
+    assert not idx._gallery_np.flags.owndata and not np.shares_memory(idx._gallery_np, g)  # FAISS's own copy
+    np.testing.assert_array_equal(idx._gallery_np, g)
+
+
+def test_faiss_is_told_not_to_spin_and_the_user_choice_wins(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, vidtag.retrieval as r; r._faiss(); print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"
+
+
+def test_shard_devices_are_checked():
+    g = np.ones((4, 3), np.float32)
+    with pytest.raises(RetrievalError, match="shard_devices is for backend='torch'"):
+        GalleryIndex.build(g, "faiss", shard_devices=["cpu"])
+    with pytest.raises(RetrievalError, match="empty"):
+        GalleryIndex.build(g, "torch", shard_devices=[])
+    if not torch.cuda.is_available():
+        with pytest.raises(RetrievalError, match="not available"):
+            GalleryIndex.build(g, "torch", shard_devices=["cpu", "cuda:0"])
 
 
 class TinyLocationEncoder(torch.nn.Module):

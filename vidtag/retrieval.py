@@ -5,14 +5,28 @@ training (in-batch metrics), evaluation and ``vidtag predict``. Both backends ar
 with brute force, ties going to the lowest gallery index, so results are reproducible across
 backends and machines. :class:`GalleryIndex` keeps a built index for repeated searches (a 1M x 512
 gallery is 2 GB: copy it to the device once, not per call).
+
+Search is a matrix product followed by a selection: every score costs 2 D FLOP (1,024 at D = 512) and
+is read once by the selection, so it is compute-bound on a CPU and near the ridge on a GPU. The torch
+backend therefore works on large tiles (1,024 queries x 65,536 gallery rows, a 256 MB score buffer
+reused across tiles), selects each tile's top-k where the tile is written and merges candidates as it
+goes; ties are settled at the end, and only for the rare rows where a tile's boundary tie can matter.
+
+Half precision (fp16 or bf16 scores, fp32 accumulation; the default on CUDA) keeps a short list per
+query, re-scores it in fp32 and checks, with a per-query bound on the rounding error, that the list
+must hold fp32's exact top-k; a query the bound cannot certify is searched again in fp32. Several
+devices split the gallery into contiguous shards, each answers exactly, and the answers merge.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
-from dataclasses import dataclass
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -23,19 +37,30 @@ from vidtag.errors import GalleryCacheError, RetrievalError  # re-exported from 
 from vidtag.fingerprint import sha256_arrays, sha256_file, sha256_state
 from vidtag.geo import check_latlon
 from vidtag.io import atomic_path, write_json_atomic
+from vidtag.threads import passive_openmp
 
 Backend = Literal["auto", "faiss", "torch"]
 BACKENDS = ("auto", "faiss", "torch")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 # FAISS's GPU kernels only select up to this many neighbours per query; above it the
 # GPU path hands over to the torch backend, which has no cap.
 FAISS_GPU_MAX_K = 2048
 
-# Scores held at once per query tile in the torch backend (float32 elements): ~256 MB.
-DEFAULT_SCORE_BUDGET = 64 * 1024 * 1024
+# torch backend tiles: up to 4,096 queries x up to 65,536 gallery rows, at most 2^26 scores (256 MB of
+# float32) at once; 512 queries meet 65,536 rows, 8,192 queries go 4,096 x 16,384 at a time. Many rows
+# on both sides keep the product near the machine's matmul rate.
+DEFAULT_QUERY_CHUNK = 4096
+DEFAULT_GALLERY_CHUNK = 1 << 16
+DEFAULT_SCORE_BUDGET = 1 << 26
+DEFAULT_RESCORE = 32  # half precision: short-list length beyond k, re-scored in fp32
+
+_FP32_UNIT_ROUNDOFF = 2.0**-24
 
 
 def _faiss():
+    passive_openmp()  # FAISS loads its own OpenMP runtime, which reads OMP_WAIT_POLICY once, here
     try:
         import faiss
     except ImportError:  # pragma: no cover - faiss-cpu is a declared dependency
@@ -81,21 +106,99 @@ def _order_candidates(scores: torch.Tensor, index: torch.Tensor, k: int) -> tupl
 
 
 def _topk_lowest_index_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of (Q, G) scores; ties at the k-th place go to the lowest column.
+    """Exact top-k of (Q, G) scores, ties to the lowest column, by one stable sort of every row.
 
-    ``torch.topk`` picks arbitrarily among equal scores, so rows whose k-th score is shared with a
-    column left out are redone with a stable full sort (rare outside synthetic data).
+    For the rare rows the tiled search cannot settle cheaply (a tie at the k-th place), and for the
+    FAISS backend's tie fix-ups.
     """
-    vals, idx = torch.topk(scores, k, dim=1)  # (Q, k)
-    kth = vals[:, -1:]
-    n_tied_row = (scores == kth).sum(dim=1)
-    n_tied_kept = (vals == kth).sum(dim=1)
-    redo = torch.nonzero(n_tied_row > n_tied_kept).flatten()
-    if redo.numel():
-        order = torch.argsort(scores[redo], dim=1, descending=True, stable=True)[:, :k]
-        idx[redo] = order
-        vals[redo] = scores[redo].gather(1, order)
-    return _order_candidates(vals, idx, k)
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]  # (Q, k)
+    return scores.gather(1, order), order
+
+
+def _tile_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k of one (q, g) score tile -> values (q, k'), columns (q, k'), boundary tie value (q,).
+
+    k = 1 is ``max``, which returns the first (lowest) column among equal maxima: exact. Otherwise
+    ``topk(k + 1)``: where the (k+1)-th value equals the k-th, which of the tied columns were kept is
+    arbitrary, and the tie value is returned (else -inf) so the caller can redo the row if that value
+    turns out to be the final k-th score.
+    """
+    g = scores.shape[1]
+    none = torch.full((scores.shape[0],), float("-inf"), dtype=scores.dtype, device=scores.device)
+    if k == 1:
+        v, i = scores.max(dim=1, keepdim=True)
+        return v, i, none
+    if g <= k:
+        v, i = torch.topk(scores, g, dim=1)
+        return v, i, none
+    v, i = torch.topk(scores, k + 1, dim=1)  # (q, k + 1), sorted descending
+    tie = torch.where(v[:, k] == v[:, k - 1], v[:, k - 1], none)
+    return v[:, :k], i[:, :k], tie
+
+
+@contextmanager
+def _exact_matmul(cuda: bool):
+    """Products as the error analysis assumes them: fp32 in full fp32 (no TF32, whose 10-bit mantissa
+    would change the answer) and half-precision products accumulated in fp32. Restored afterwards."""
+    if not cuda:
+        yield
+        return
+    mm = torch.backends.cuda.matmul
+    saved = (torch.get_float32_matmul_precision(), mm.allow_fp16_reduced_precision_reduction,
+             mm.allow_bf16_reduced_precision_reduction)
+    torch.set_float32_matmul_precision("highest")
+    mm.allow_fp16_reduced_precision_reduction = mm.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        mm.allow_fp16_reduced_precision_reduction, mm.allow_bf16_reduced_precision_reduction = saved[1:]
+
+
+def _mm_out_fp32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch can write a half-precision product as fp32 on ``device`` (``mm(out_dtype=)``,
+    CUDA): then scores are not rounded to half precision a second time."""
+    if device.type != "cuda":
+        return False
+    try:
+        a = torch.ones(2, 2, dtype=dtype, device=device)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError):
+        return False
+
+
+@dataclass
+class _Shard:
+    """Contiguous gallery rows [offset, offset + n) on one device."""
+
+    offset: int
+    g32: torch.Tensor  # (n, D) float32 on the shard's device: the exact scores
+    half: torch.Tensor | None  # (n, D) fp16/bf16 copy for the half-precision pass, else None
+    norm_max: float  # largest row L2 norm, for the rounding-error bound
+    out_fp32: bool = False  # half products written as fp32 (CUDA mm(out_dtype=))
+
+    @property
+    def device(self) -> torch.device:
+        return self.g32.device
+
+    def __len__(self) -> int:
+        return int(self.g32.shape[0])
+
+
+def _shard_devices(shard_devices, device: torch.device) -> list[torch.device]:
+    if shard_devices is None:
+        return [device]
+    if shard_devices == "all":
+        if not torch.cuda.is_available():
+            raise RetrievalError("shard_devices='all' needs CUDA devices; none are available")
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    devs = [torch.device(d) for d in shard_devices]
+    if not devs:
+        raise RetrievalError("shard_devices is empty; give at least one device (or None for the index's device)")
+    for d in devs:
+        if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+            raise RetrievalError(f"shard device {d} is not available on this machine")
+    return devs
 
 
 @dataclass
@@ -106,19 +209,21 @@ class GalleryIndex:
     """
 
     backend: str  # "faiss" or "torch" (resolved, never "auto")
-    device: torch.device
+    device: torch.device  # where torch queries' results go; the first shard's device by default
     size: int
     dim: int
-    _gallery_np: np.ndarray | None = None  # float32 (G, D); FAISS backend and tie fix-ups
-    _gallery_t: torch.Tensor | None = None  # (G, D) on device; torch backend
+    _gallery_np: np.ndarray | None = None  # float32 (G, D) view for FAISS tie fix-ups (FAISS's own copy when flat)
     _faiss_index: object | None = None
     _faiss_gpu: bool = False
     _exact: bool = True  # False for IVF (approximate)
-    _gallery32: torch.Tensor | None = None  # fp32 copy for re-scoring half-precision candidates
+    _shards: list[_Shard] = field(default_factory=list)  # torch backend
     precision: str = "fp32"
-    gallery_chunk: int = 1 << 20
+    gallery_chunk: int = DEFAULT_GALLERY_CHUNK
     score_budget: int = DEFAULT_SCORE_BUDGET
-    rescore: int = 32
+    rescore: int = DEFAULT_RESCORE
+    query_chunk: int = DEFAULT_QUERY_CHUNK
+    n_fallback: int = 0  # half precision: queries the error bound could not certify, searched again in fp32
+    _buffers: dict = field(default_factory=dict)  # (device, dtype) -> flat score buffer, reused across tiles
 
     @classmethod
     def build(
@@ -130,57 +235,85 @@ class GalleryIndex:
         precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto",
         ivf_nlist: int = 0,
         ivf_nprobe: int = 16,
-        gallery_chunk: int = 1 << 20,
+        gallery_chunk: int = DEFAULT_GALLERY_CHUNK,
         score_budget: int = DEFAULT_SCORE_BUDGET,
-        rescore: int = 32,
+        rescore: int = DEFAULT_RESCORE,
+        query_chunk: int = DEFAULT_QUERY_CHUNK,
+        shard_devices: Sequence[str | torch.device] | Literal["all"] | None = None,
     ) -> GalleryIndex:
         """Prepare ``gallery`` (G, D) for search.
 
         backend "auto": FAISS when it can use a GPU, else torch on a CUDA ``device``, else FAISS on CPU.
-        precision (torch backend): "auto" is fp16 on CUDA and fp32 on CPU; half-precision candidates
-        (k + ``rescore`` per query) are re-scored in fp32 so the answer matches fp32 brute force.
-        ivf_nlist > 0 (FAISS only) builds an approximate IndexIVFFlat with that many lists, for
-        galleries too big for exact search; 0 (default) is exact IndexFlatIP.
+        precision (torch backend): "auto" is fp16 on CUDA and fp32 on CPU; half precision scores every
+        gallery row, keeps k + ``rescore`` candidates per query and returns fp32's exact answer (see the
+        module docstring). ``shard_devices`` (torch backend): split the gallery over these devices ("all":
+        every CUDA device); results go to ``device``. ``query_chunk`` queries and ``gallery_chunk`` gallery rows
+        per tile, at most ``score_budget`` scores, set the tiling. ivf_nlist > 0 (FAISS only) builds an approximate IndexIVFFlat
+        with that many lists, for galleries too big for exact search; 0 (default) is exact IndexFlatIP.
         """
         if backend not in BACKENDS:
             raise RetrievalError(f"backend must be one of {BACKENDS}; found {backend!r}")
+        if precision not in PRECISIONS:
+            raise RetrievalError(f"precision must be one of {', '.join(PRECISIONS)}; found {precision!r}")
+        if min(gallery_chunk, score_budget, query_chunk) < 1 or rescore < 0:
+            raise RetrievalError("gallery_chunk, score_budget and query_chunk must be >= 1, rescore >= 0")
         dev = torch.device(device) if device is not None else (
             gallery.device if isinstance(gallery, torch.Tensor) else torch.device("cpu")
         )
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RetrievalError(f"device {dev} requested but CUDA is not available; use device='cpu'")
+        devices = _shard_devices(shard_devices, dev)
         if backend == "auto":
             if faiss_gpu_count() > 0 and dev.type == "cuda":
                 backend = "faiss"
-            elif dev.type == "cuda" or _faiss() is None:
+            elif dev.type == "cuda" or _faiss() is None or shard_devices is not None:
                 backend = "torch"
             else:
                 backend = "faiss"
         if ivf_nlist and backend != "faiss":
             raise RetrievalError("ivf_nlist needs backend='faiss' (the torch backend is exact only)")
-
         if backend == "torch":
-            if isinstance(gallery, torch.Tensor):
-                _check_tensor(gallery, "gallery")
-                g = gallery.detach()
-            else:
-                g = torch.from_numpy(_as_float32_2d(gallery, "gallery"))
-            if g.shape[0] == 0:
-                raise RetrievalError("gallery is empty; build a gallery with at least one point")
-            if precision == "auto":
-                precision = "fp16" if dev.type == "cuda" else "fp32"
-            dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-            if dtype is None:
-                raise RetrievalError(f"precision must be one of auto, fp32, fp16, bf16; found {precision!r}")
-            g32 = g.to(dev, torch.float32).contiguous()
-            out = cls(
-                "torch", dev, int(g.shape[0]), int(g.shape[1]), precision=precision,
-                gallery_chunk=gallery_chunk, score_budget=score_budget, rescore=rescore,
-            )
-            out._gallery_t = g32 if dtype == torch.float32 else g32.to(dtype)
-            out._gallery32 = g32 if dtype != torch.float32 else None  # fp32 copy for re-scoring
+            out = cls._build_torch(gallery, dev, devices, precision, gallery_chunk, score_budget, rescore)
+            out.query_chunk = int(query_chunk)
             return out
+        if shard_devices is not None:
+            raise RetrievalError("shard_devices is for backend='torch'; FAISS shards over every GPU it sees by itself")
+        return cls._build_faiss(gallery, dev, ivf_nlist, ivf_nprobe)
 
+    @classmethod
+    def _build_torch(cls, gallery, dev, devices, precision, gallery_chunk, score_budget, rescore) -> GalleryIndex:
+        if isinstance(gallery, torch.Tensor):
+            _check_tensor(gallery, "gallery")
+            g = gallery.detach()
+        else:
+            g = torch.from_numpy(_as_float32_2d(gallery, "gallery"))
+        if g.shape[0] == 0:
+            raise RetrievalError("gallery is empty; build a gallery with at least one point")
+        n, d = int(g.shape[0]), int(g.shape[1])
+        auto = precision == "auto"
+        if auto:
+            precision = "fp16" if dev.type == "cuda" else "fp32"
+        half = _HALF.get(precision)
+        if half == torch.float16:
+            # fp16 holds values below 65504: a gallery (or scores) beyond a safe margin of it stays fp32
+            big = float(g.abs().max()) > 2.0**14 or float(g.float().norm(dim=1).max()) ** 2 > 2.0**14
+            if big and not auto:
+                raise RetrievalError("the gallery has values too large for fp16 scores; use precision='fp32' or 'bf16'")
+            if big:
+                precision, half = "fp32", None
+        out = cls("torch", dev, n, d, precision=precision, gallery_chunk=gallery_chunk, score_budget=score_budget,
+                  rescore=rescore)
+        bounds = np.linspace(0, n, min(len(devices), n) + 1).round().astype(int)
+        for sd, a, b in zip(devices, bounds[:-1], bounds[1:]):
+            g32 = g[a:b].to(sd, torch.float32).contiguous()  # no copy when already fp32 on the device
+            out._shards.append(_Shard(
+                int(a), g32, None if half is None else g32.to(half),
+                float(g32.norm(dim=1).max()), half is not None and _mm_out_fp32(sd, half),
+            ))
+        return out
+
+    @classmethod
+    def _build_faiss(cls, gallery, dev, ivf_nlist, ivf_nprobe) -> GalleryIndex:
         faiss = _faiss()
         if faiss is None:
             raise RetrievalError("backend='faiss' needs the faiss-cpu (or faiss-gpu) package; use backend='torch'")
@@ -188,6 +321,7 @@ class GalleryIndex:
         if g.shape[0] == 0:
             raise RetrievalError("gallery is empty; build a gallery with at least one point")
         n, d = g.shape
+        faiss.omp_set_num_threads(torch.get_num_threads())
         if ivf_nlist:
             quantizer = faiss.IndexFlatIP(d)
             index = faiss.IndexIVFFlat(quantizer, d, int(ivf_nlist), faiss.METRIC_INNER_PRODUCT)
@@ -197,12 +331,16 @@ class GalleryIndex:
         else:
             index = faiss.IndexFlatIP(d)
             index.add(g)
+            # FAISS holds its own copy: tie fix-ups read that one, so the gallery is held once
+            g = faiss.rev_swig_ptr(index.get_xb(), n * d).reshape(n, d)
         use_gpu = dev.type == "cuda" and faiss_gpu_count() > 0
         if use_gpu:  # pragma: no cover - needs faiss-gpu and a GPU
             co = faiss.GpuMultipleClonerOptions()
             co.shard = True  # split the gallery across all GPUs; results are merged by FAISS
-            index = faiss.index_cpu_to_all_gpus(index, co=co)
-        out = cls("faiss", dev, n, d, gallery_chunk=gallery_chunk, score_budget=score_budget)
+            cpu_index, index = index, faiss.index_cpu_to_all_gpus(index, co=co)
+            g = np.array(g) if not ivf_nlist else g  # the host copy outlives the CPU index it viewed
+            del cpu_index
+        out = cls("faiss", dev, n, d)
         out._gallery_np, out._faiss_index, out._faiss_gpu = g, index, use_gpu
         out._exact = not ivf_nlist
         return out
@@ -225,6 +363,23 @@ class GalleryIndex:
             index.cpu().numpy() if isinstance(index, torch.Tensor) else index,
         )
 
+    # -- torch backend ---------------------------------------------------------------------------
+    def _tiles(self, n_queries: int) -> tuple[int, int]:
+        """(query rows, gallery rows) per tile: as many queries as ``query_chunk`` allows (the product runs
+        fastest with many rows on both sides), then gallery rows to fill ``score_budget``."""
+        q_tile = max(1, min(n_queries, self.query_chunk))
+        largest = max(len(s) for s in self._shards)
+        return q_tile, max(1, min(self.gallery_chunk, largest, self.score_budget // q_tile))
+
+    def _scores(self, device: torch.device, dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
+        """A (rows, cols) view of a flat buffer kept per (device, dtype): a 256 MB tile is not allocated
+        (and page-faulted in) again for every tile."""
+        buf = self._buffers.get((device, dtype))
+        if buf is None or buf.numel() < rows * cols:
+            buf = torch.empty(rows * cols, dtype=dtype, device=device)
+            self._buffers[(device, dtype)] = buf
+        return buf[: rows * cols].view(rows, cols)
+
     def _search_torch(self, queries, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(queries, torch.Tensor):
             _check_tensor(queries, "queries")
@@ -233,30 +388,147 @@ class GalleryIndex:
             q = torch.from_numpy(_as_float32_2d(queries, "queries")).to(self.device)
         if q.shape[1] != self.dim:
             raise RetrievalError(f"queries have dim {q.shape[1]} but the gallery has dim {self.dim}")
-        g = self._gallery_t
-        half = g.dtype != torch.float32
-        kk = min(self.size, k + self.rescore) if half else k  # candidates kept per gallery tile
-        g_chunk = max(1, min(self.gallery_chunk, self.size))
-        q_chunk = max(1, self.score_budget // g_chunk)
+        q_tile, _ = self._tiles(q.shape[0])
         out_s = torch.empty(q.shape[0], k, dtype=torch.float32, device=self.device)
         out_i = torch.empty(q.shape[0], k, dtype=torch.int64, device=self.device)
-        with torch.no_grad():
-            for q0 in range(0, q.shape[0], q_chunk):
-                qc = q[q0 : q0 + q_chunk]  # (q, D)
-                qh = qc.to(g.dtype)
-                cand_s, cand_i = [], []
-                for g0 in range(0, self.size, g_chunk):
-                    s = qh @ g[g0 : g0 + g_chunk].T  # (q, D) @ (D, g) -> (q, g)
-                    s_k, i_k = _topk_lowest_index_ties(s.float(), min(kk, s.shape[1]))
-                    cand_s.append(s_k)
-                    cand_i.append(i_k + g0)
-                s_all, i_all = torch.cat(cand_s, 1), torch.cat(cand_i, 1)  # (q, tiles * kk)
-                if half:  # exact fp32 scores for the half-precision candidates
-                    s_all = torch.einsum("qd,qcd->qc", qc, self._gallery32[i_all])
-                s_k, i_k = _order_candidates(s_all, i_all, k)
-                out_s[q0 : q0 + q_chunk], out_i[q0 : q0 + q_chunk] = s_k, i_k
+        cuda = any(s.device.type == "cuda" for s in self._shards)
+        with torch.no_grad(), _exact_matmul(cuda):
+            for q0 in range(0, q.shape[0], q_tile):
+                s, i = self._top_k(q[q0 : q0 + q_tile], k)
+                out_s[q0 : q0 + q_tile], out_i[q0 : q0 + q_tile] = s, i
         return out_s, out_i
 
+    def _top_k(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k of one query tile over every shard. All shards' work is queued before any result
+        is checked (the checks are the only host syncs), so shards on several GPUs run side by side."""
+        half = self.precision in _HALF
+        qs = [q.to(sh.device, non_blocking=True) for sh in self._shards]
+        parts = [(self._shard_half if half else self._shard_fp32)(sh, qq, k) for sh, qq in zip(self._shards, qs)]
+        # each part: (scores (q, k'), index (q, k'), redo (q,) bool): rows the shard must answer again
+        out_s, out_i = [], []
+        for sh, qq, (s, i, redo) in zip(self._shards, qs, parts):
+            rows = torch.nonzero(redo).flatten()
+            if rows.numel():  # rare: a tie at the k-th place, or half-precision rows the bound cannot certify
+                if half:
+                    self.n_fallback += int(rows.numel())
+                    fs, fi = self._fp32_rows(sh, qq[rows], k)
+                else:
+                    fs, fi = self._shard_exact_rows(sh, qq[rows], k)
+                s, i = s.clone(), i.clone()
+                s[rows], i[rows] = fs, fi
+            out_s.append(s.to(self.device))
+            out_i.append(i.to(self.device))
+        if len(out_s) == 1:
+            return out_s[0], out_i[0]
+        return _order_candidates(torch.cat(out_s, dim=1), torch.cat(out_i, dim=1), k)
+
+    def _fp32_rows(self, sh: _Shard, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 top-k of one shard, ties settled: the half-precision path's fallback."""
+        s, i, redo = self._shard_fp32(sh, q, k)
+        rows = torch.nonzero(redo).flatten()
+        if rows.numel():
+            s[rows], i[rows] = self._shard_exact_rows(sh, q[rows], k)
+        return s, i
+
+    def _shard_fp32(self, sh: _Shard, q: torch.Tensor, k: int):
+        """fp32 top-k of one shard, tile by tile with a running merge; ``redo`` marks rows where a tile
+        kept an arbitrary one of several columns tied at the final k-th score."""
+        _, g_tile = self._tiles(q.shape[0])
+        kk = min(k, len(sh))
+        best_s = best_i = None
+        tie = torch.full((q.shape[0],), float("-inf"), device=sh.device)
+        for g0 in range(0, len(sh), g_tile):
+            g = sh.g32[g0 : g0 + g_tile]  # (g, D)
+            s = torch.mm(q, g.T, out=self._scores(sh.device, torch.float32, q.shape[0], g.shape[0]))  # (q, g)
+            v, i, t = _tile_top(s, kk)
+            i = i + (sh.offset + g0)
+            tie = torch.maximum(tie, t)
+            if best_s is None:
+                best_s, best_i = v, i
+            elif kk == 1:  # strictly better only: an equal score in a later tile has a higher index
+                better = v > best_s
+                best_s, best_i = torch.where(better, v, best_s), torch.where(better, i, best_i)
+            else:
+                best_s, best_i = _order_candidates(torch.cat([best_s, v], 1), torch.cat([best_i, i], 1), kk)
+        if kk > 1:
+            best_s, best_i = _order_candidates(best_s, best_i, kk)
+        return best_s, best_i, tie >= best_s[:, -1]
+
+    def _shard_exact_rows(self, sh: _Shard, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 top-k of one shard for a few rows, every tile by a stable sort: exact whatever the ties."""
+        _, g_tile = self._tiles(q.shape[0])
+        kk = min(k, len(sh))
+        best_s = best_i = None
+        for g0 in range(0, len(sh), g_tile):
+            s = q @ sh.g32[g0 : g0 + g_tile].T  # (r, g)
+            v, i = _topk_lowest_index_ties(s, min(kk, s.shape[1]))
+            i = i + (sh.offset + g0)
+            best_s = v if best_s is None else torch.cat([best_s, v], 1)
+            best_i = i if best_i is None else torch.cat([best_i, i], 1)
+            best_s, best_i = _order_candidates(best_s, best_i, kk)
+        return best_s, best_i
+
+    def _error_bound(self, sh: _Shard, q: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(a (q,), b): |fp32 re-score - half-precision score h| <= a + b |h| for every row of the shard.
+
+        Inputs rounded to half precision (unit roundoff u) give |h(x)h(y) - xy| <= (2u + u^2)|xy| per
+        term; fp32 accumulation adds gamma_D = D 2^-24 / (1 - D 2^-24) of sum |x_i y_i| (Higham, Accuracy
+        and Stability of Numerical Algorithms, 2nd ed., Sec. 3.1), and the fp32 re-score its own gamma_D;
+        sum |q_i g_i| <= |q| |g| (Cauchy-Schwarz). Rounding the result to the output type (u_out) adds
+        u_out / (1 - u_out) of |h|; subnormal inputs and outputs add absolute terms. A 1 % margin
+        covers the norms' own rounding.
+        """
+        dtype = sh.half.dtype
+        u = torch.finfo(dtype).eps / 2
+        u_out = _FP32_UNIT_ROUNDOFF if sh.out_fp32 else u
+        d = self.dim
+        gamma = d * _FP32_UNIT_ROUNDOFF / (1 - d * _FP32_UNIT_ROUNDOFF)
+        rel = (2 * u + u * u) + gamma * (1 + u) ** 2 + gamma
+        tiny = torch.finfo(dtype).tiny * u  # largest rounding error of a subnormal input
+        tiny_out = (torch.finfo(torch.float32) if sh.out_fp32 else torch.finfo(dtype)).tiny * u_out
+        qn = q.norm(dim=1)  # (q,)
+        absolute = tiny * (1 + u) * math.sqrt(d) * (qn + sh.norm_max) + d * tiny * tiny + tiny_out
+        return 1.01 * (rel * qn * sh.norm_max + absolute), 1.01 * u_out / (1 - u_out)
+
+    def _shard_half(self, sh: _Shard, q: torch.Tensor, k: int):
+        """Half-precision pass over one shard: a short list of k + rescore candidates per query, re-scored
+        in fp32 and ordered exactly. ``redo`` marks rows the list may not answer exactly: where the largest
+        half score left out, plus its error bound, reaches the k-th fp32 score of the list (fp32's true
+        k-th score over the shard is at least that, so a row left out below it cannot be in the top-k)."""
+        _, g_tile = self._tiles(q.shape[0])
+        kk = min(k, len(sh))
+        m = min(len(sh), k + self.rescore)
+        qh = q.to(sh.half.dtype)
+        best_v = best_i = None
+        dropped = torch.full((q.shape[0],), float("-inf"), device=sh.device)  # largest half score left out
+        for g0 in range(0, len(sh), g_tile):
+            g = sh.half[g0 : g0 + g_tile]
+            if sh.out_fp32:  # pragma: no cover - CUDA only
+                s = torch.mm(qh, g.T, out_dtype=torch.float32)
+            else:
+                s = torch.mm(qh, g.T, out=self._scores(sh.device, sh.half.dtype, q.shape[0], g.shape[0]))
+            v, i = torch.topk(s, min(m + 1, s.shape[1]), dim=1)
+            if v.shape[1] > m:
+                dropped = torch.maximum(dropped, v[:, m].float())
+                v, i = v[:, :m], i[:, :m]
+            v, i = v.float(), i + (sh.offset + g0)
+            if best_v is not None:
+                v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
+                if v.shape[1] > m:
+                    v, pos = torch.topk(v, m + 1, dim=1)
+                    dropped = torch.maximum(dropped, v[:, m])
+                    v, i = v[:, :m], i.gather(1, pos[:, :m])
+            best_v, best_i = v, i
+        exact = torch.einsum("qd,qmd->qm", q, sh.g32[best_i - sh.offset])  # (q, m) fp32 re-scores
+        s, i = _order_candidates(exact, best_i, kk)
+        a, b = self._error_bound(sh, q)
+        reach = torch.where(dropped.isneginf(), dropped, dropped + a + b * dropped.abs())  # -inf: nothing left out
+        ok = reach < s[:, -1]
+        if sh.half.dtype == torch.float16:  # scores beyond fp16's range are not scores
+            ok &= (q.norm(dim=1) * sh.norm_max < 2.0**14) & (q.abs().amax(dim=1) < 2.0**14)
+        return s, i, ~ok
+
+    # -- FAISS backend ---------------------------------------------------------------------------
     def _search_faiss(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = _as_float32_2d(queries, "queries")
         if q.shape[1] != self.dim:
@@ -265,6 +537,7 @@ class GalleryIndex:
             torch_index = GalleryIndex.build(self._gallery_np, "torch", self.device)
             s, i = torch_index._search_torch(q, k)
             return s.cpu().numpy(), i.cpu().numpy()
+        _faiss().omp_set_num_threads(torch.get_num_threads())  # the project's thread count (vidtag.threads)
         # One extra neighbour shows whether the k-th score is tied with a row FAISS left out.
         kq = min(k + 1, self.size)
         scores, index = self._faiss_index.search(q, kq)  # (Q, kq)
