@@ -506,7 +506,6 @@ def predict(
             dup = next(o for o in outs if outs.count(o) > 1)
             fail(f"two videos in {input} would both write {dup}; rename one")
         m = load_model(model, device=device, cache_dir=cache_dir, gallery=gallery, cfg=cfg)
-        _warn_demo(m)
 
         def event(what, inp, detail):
             if what == "failed":
@@ -516,12 +515,12 @@ def predict(
                              overwrite=overwrite, progress=progress, start_time=start_time, on_event=event)
         typer.echo(f"{len(videos)} videos -> {out}: {len(res.written)} written, {len(res.skipped)} already done, "
                    f"{len(res.failed)} failed in {time.perf_counter() - t0:.1f} s")
+        _warn_demo(m)
         if res.failed:
             raise typer.Exit(1)
         return
     output_format(out)  # an unsupported extension fails now, not after the work
     m = load_model(model, device=device, cache_dir=cache_dir, gallery=gallery, cfg=cfg)
-    _warn_demo(m)
     df = m.predict(input, top_k=top_k, decode=decode, fps=fps, places=places, batch_size=batch_size, progress=progress)
     write_output(df, out, start_time=start_time)
     if map_path is not None:
@@ -537,6 +536,7 @@ def predict(
     typer.echo(f"{df.height} frames ({n_bad} unreadable) -> {out}" + (f" (+ {side.name})" if side else "")
                + (f", map {map_path}" if map_path else "")
                + f" in {time.perf_counter() - t0:.1f} s; median confidence {df['confidence'].median():.2f}")
+    _warn_demo(m)
 
 
 @app.command()
