@@ -86,34 +86,3 @@ def weighted_hinge_loss(
     loss = frame + video_weight * video
     return loss, {"frame": frame.detach(), "video": video.detach()}
 
-
-def refined_contrastive_loss(
-    refined: torch.Tensor,
-    truth: torch.Tensor,
-    logit_scale: torch.Tensor,
-    pad_mask: torch.Tensor | None = None,
-    video_weight: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """A shift-invariant alternative to Eqs. 2-5 for Phase II (beyond the paper): cross-entropy of each
-    refined embedding against every truth of the batch, at the frozen Phase I temperature, frame-wise and
-    video-wise (the same two levels as Eq. 5).
-
-    Why: Eq. 2 asks every off-diagonal similarity to be 0. Where the location embeddings of one drive are
-    nearly parallel (cosine ~0.98 between frames kilometres apart on the toy world), no output can do that,
-    and the squared loss's optimum is an output with similarity ~beta / (alpha + beta) to the whole region:
-    pushed off the region's common direction, it retrieves one gallery hub for every frame. A softmax only
-    ranks the truths, so the common direction costs nothing and the small differences that retrieval reads
-    are what is trained.
-    """
-    b, t, _ = refined.shape
-    valid = torch.ones(b, t, dtype=torch.bool, device=refined.device) if pad_mask is None else ~pad_mask
-    r = F.normalize(refined, dim=-1)
-    g = F.normalize(truth, dim=-1)
-    scale = logit_scale.detach().exp().clamp(max=100.0)
-    rv, gv = r[valid], g[valid]  # (N, D)
-    frame = F.cross_entropy(scale * rv @ gv.T, torch.arange(len(rv), device=r.device))
-    w = valid[..., None].to(r.dtype)
-    r_seq = F.normalize((r * w).sum(1), dim=-1)  # (B, D) normalised mean, as in weighted_hinge_loss
-    g_seq = F.normalize((g * w).sum(1), dim=-1)
-    video = F.cross_entropy(scale * r_seq @ g_seq.T, torch.arange(b, device=r.device))
-    return frame + video_weight * video, {"frame": frame.detach(), "video": video.detach()}

@@ -11,7 +11,7 @@ import polars as pl
 import torch
 
 from vidtag.device import resolve_device
-from vidtag.errors import ConfigError, TrainingError
+from vidtag.errors import TrainingError
 from vidtag.features.sequences import SequenceTable, build_sequences
 from vidtag.features.source import feature_source
 from vidtag.inference import Locator
@@ -22,12 +22,9 @@ from vidtag.models.georefiner import GeoRefiner
 from vidtag.seeding import seeded
 from vidtag.train import loop
 from vidtag.train.batches import sample_frames
-from vidtag.train.losses import refined_contrastive_loss, weighted_hinge_loss
+from vidtag.train.losses import weighted_hinge_loss
 from vidtag.train.noise import NoiseConfig, corrupt_gps
 from vidtag.train.phase1 import Phase1Model, load_phase1, retrieval_metrics, tied_positions
-
-
-PHASE2_LOSSES = ("hinge", "contrastive")
 
 
 @dataclass(frozen=True)
@@ -41,7 +38,6 @@ class Phase2Config:
     lr_gamma: float = 0.95  # Appendix A: StepLR decay, once per epoch
     warmup_steps: int = 1000  # Appendix A
     sampling: str = "subset"  # as Phase I (vidtag.train.batches.sample_frames)
-    loss: str = "hinge"  # hinge: Eqs. 2-5 | contrastive: refined_contrastive_loss (beyond the paper, see there)
     alpha: float = 10.0  # Sec. 3.5, Table 7: weight of negative pairs
     beta: float = 1.0  # Sec. 3.5, Table 7: weight of positive pairs
     video_weight: float = 1.0  # Eq. 5 sums L_f and L_v with weight 1
@@ -49,11 +45,8 @@ class Phase2Config:
     jitter_min_deg: float = 0.001
     jitter_max_deg: float = 0.02
     shift_max_deg: float = 0.2
+    bf16: bool = False  # bf16 autocast of the forward passes (the loss stays fp32), as Phase1Config.bf16
     seed: int = 0
-
-    def __post_init__(self):
-        if self.loss not in PHASE2_LOSSES:
-            raise ConfigError(f"phase2.loss must be one of {PHASE2_LOSSES}; got {self.loss!r}")
 
     @property
     def noise(self) -> NoiseConfig:
@@ -121,25 +114,31 @@ def train_phase2(
 
     with seeded(cfg.seed):
         refiner = GeoRefiner(refiner_cfg).to(device)
-    optimizer = torch.optim.Adam(refiner.parameters(), lr=cfg.lr)
+    optimizer = loop.adam(refiner.parameters(), cfg.lr, device)
+    frozen_frame = loop.maybe_compile(phase1.frame_encoder, runtime.compile)
+    frozen_location = loop.maybe_compile(phase1.location_encoder, runtime.compile)
+    trained = loop.maybe_compile(refiner, runtime.compile)
+    lengths_host = train.lengths.cpu()
 
-    def step(seq_idx: torch.Tensor, gen: torch.Generator):
-        rows, pad = sample_frames(train, seq_idx, cfg.seq_len, gen, cfg.sampling)  # (B, T)
+    def step(batch: loop.Batch, gen: torch.Generator):
+        rows, pad = sample_frames(train, batch.seq_idx, cfg.seq_len, gen, cfg.sampling)  # (B, T)
         clip, dino, latlon = data.gather(rows)
-        valid = ~pad
-        with torch.no_grad():
-            frame_emb = phase1.frame_encoder(clip, dino, pad)  # (B, T, D), TempGeo + MLP, frozen
+        n = loop.frames_in_batch(lengths_host, batch.seq_idx_host, pad.shape[1])
+        keep = loop.valid_positions(pad, n)  # (N,) = the frames of ~pad, without a host sync
+        with torch.no_grad(), loop.autocast(device, cfg.bf16):
+            frame_emb = frozen_frame(clip, dino, pad)  # (B, T, D), TempGeo + MLP, frozen
             noisy = corrupt_gps(latlon, gen, cfg.noise, pad)  # (B, T, 2)
             g_true = torch.zeros_like(frame_emb)
             g_noisy = torch.zeros_like(frame_emb)
-            g_true[valid] = phase1.location_encoder(latlon[valid])
-            g_noisy[valid] = phase1.location_encoder(noisy[valid])
-        refined = refiner(frame_emb, g_noisy, pad)  # (B, T, D)
-        if cfg.loss == "contrastive":
-            loss, parts = refined_contrastive_loss(refined, g_true, phase1.logit_scale, pad, cfg.video_weight)
-        else:
-            loss, parts = weighted_hinge_loss(refined, g_true, pad, cfg.alpha, cfg.beta, cfg.video_weight)
-        return loss, parts, int(valid.sum())
+            flat_true, flat_noisy = g_true.view(-1, g_true.shape[-1]), g_noisy.view(-1, g_noisy.shape[-1])
+            flat_true[keep] = frozen_location(latlon.flatten(0, 1)[keep]).to(g_true.dtype)  # (N, D)
+            flat_noisy[keep] = frozen_location(noisy.flatten(0, 1)[keep]).to(g_noisy.dtype)
+        with loop.autocast(device, cfg.bf16):
+            refined = trained(frame_emb, g_noisy, pad)  # (B, T, D)
+        # losses in fp32; both select the valid frames with a boolean mask inside (vidtag.train.losses): one host sync
+        refined, g_true = refined.float(), g_true.float()
+        loss, parts = weighted_hinge_loss(refined, g_true, pad, cfg.alpha, cfg.beta, cfg.video_weight)
+        return loss, parts, n
 
     phase = loop.Phase(
         "phase2", refiner, refiner, optimizer, step,
