@@ -1,20 +1,29 @@
-"""`evaluate` stage: params ``eval`` + model bundle + features + manifest -> predictions, metrics, plots."""
+"""`evaluate` stage: params ``eval`` + trained model + gallery + features + manifest -> predictions, metrics,
+plots, and the model packed with the gallery it was evaluated on (the bundle `vidtag predict` uses).
+
+Training never reads the gallery (it validates against the validation frames' own GPS, App. D.2), so a new
+gallery (Table 5's resolutions, a worldwide grid) re-runs `gallery` and this stage only."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
 
 from pipeline.common import load_params, pick, run_stage
 from vidtag.data.manifest import manifest_fingerprint, read_manifest
 from vidtag.device import resolve_device
 from vidtag.evaluation import EvalConfig, EvalRuntime, run_evaluation, summary, write_reports
 from vidtag.features.store import load_features
-from vidtag.models.bundle import load_bundle
+from vidtag.models.bundle import load_bundle, save_bundle
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", required=True, help="model bundle directory, e.g. cache/model")
+    ap.add_argument("--model", required=True, help="trained model bundle directory, e.g. cache/model")
+    ap.add_argument("--gallery", required=True, help="gallery parquet to retrieve from, e.g. cache/gallery.parquet")
+    ap.add_argument("--bundle", required=True, help="the evaluated model packed with this gallery, for `vidtag predict`, "
+                                                    "e.g. cache/bundle")
     ap.add_argument("--features", required=True, help="feature store, e.g. cache/features.zarr")
     ap.add_argument("--manifest", required=True, help="manifest parquet, e.g. cache/manifest.parquet")
     ap.add_argument("--predictions", required=True, help="predictions parquet to write")
@@ -30,11 +39,13 @@ def main() -> None:
     manifest = read_manifest(args.manifest).df
     features = load_features(args.features, expect_fingerprint=manifest_fingerprint(manifest))
     bundle = load_bundle(args.model, resolve_device(runtime.device))
-    result = run_evaluation(bundle, features, manifest, cfg, runtime=runtime, cache_dir=args.cache_dir, progress=True)
+    result = run_evaluation(bundle, features, manifest, cfg, runtime=runtime, cache_dir=args.cache_dir, progress=True,
+                            gallery_path=args.gallery)
+    save_bundle(args.bundle, dataclasses.replace(bundle, gallery_path=Path(args.gallery)))
     maps = write_reports(result, predictions=args.predictions, metrics=args.metrics, per_sequence_csv=args.per_sequence,
                          plots_dir=args.plots, n_maps=cfg.n_maps)
     print(summary(result.metrics))
-    print(f"wrote {args.predictions}, {args.metrics}, {args.per_sequence}, {args.plots} ({len(maps)} maps)")
+    print(f"wrote {args.predictions}, {args.metrics}, {args.per_sequence}, {args.plots} ({len(maps)} maps), {args.bundle}")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = json.loads(metrics_path.read_text())
     print(f"\nvidtag demo — validation metrics ({metrics_path}; accuracies in %, distances in km, DFD/MRD deg and km):")
     print(format_metrics(metrics))
-    print("\n  model bundle : cache/model/   (try: .venv/bin/vidtag predict VIDEO --model cache/model --out pred.csv --map pred.html)")
+    print("\n  model bundle : cache/bundle/   (try: .venv/bin/vidtag predict VIDEO --model cache/bundle --out pred.csv --map pred.html)")
     print("  plots        : plots/  (dvc plots show  ->  dvc_plots/index.html)")
     print("  compare runs : dvc exp run -S phase2.alpha=1 && dvc metrics diff")
     return 0

@@ -1,4 +1,4 @@
-"""`train_phase1` stage: params ``phase1`` + feature store + manifest + gallery -> Phase I checkpoint directory.
+"""`train_phase1` stage: params ``phase1`` + feature store + manifest -> Phase I checkpoint directory.
 
 Params keys (``phase1:``): every field of vidtag.train.phase1.Phase1Config, plus ``model:`` with ``frame:`` /
 ``location:`` sub-sections (vidtag.models.config.FrameEncoderConfig / LocationEncoderConfig fields) and
@@ -17,7 +17,7 @@ from pipeline.common import load_params, pick, run_stage
 from pipeline.training import run_resumable
 from vidtag.data.manifest import manifest_fingerprint, read_manifest
 from vidtag.features.store import load_features
-from vidtag.gallery import read_gallery
+from vidtag.gallery import split_points
 from vidtag.models.config import VidTAGConfig, build_config
 from vidtag.train.loop import RuntimeConfig
 from vidtag.train.phase1 import Phase1Config, train_phase1
@@ -27,7 +27,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--features", required=True, help="feature store, e.g. cache/features.zarr")
     ap.add_argument("--manifest", required=True, help="manifest parquet, e.g. cache/manifest.parquet")
-    ap.add_argument("--gallery", required=True, help="gallery parquet for validation retrieval, e.g. cache/gallery.parquet")
     ap.add_argument("--out", required=True, help="output directory, e.g. cache/phase1")
     ap.add_argument("--live", default=None, help="DVCLive directory for metrics and plots, e.g. dvclive/phase1")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -40,9 +39,11 @@ def main() -> None:
     runtime = build_config(RuntimeConfig, {**pick(params["runtime"], RuntimeConfig), "progress": not args.no_progress})
     m = read_manifest(args.manifest)
     features = load_features(args.features, expect_fingerprint=manifest_fingerprint(m.df), lazy=True)
-    gallery, _ = read_gallery(args.gallery)
+    # Validation retrieves against the validation frames' own GPS (App. D.2), so training depends on the
+    # manifest alone and a change of the evaluation gallery re-runs only `evaluate`.
+    gallery = split_points(m.df, "val") if (m.df["split"] == "val").any() else None
     metrics = run_resumable(
-        lambda live: train_phase1(features, m.df, gallery.select("lat", "lon").to_numpy(), args.out, cfg, model_cfg, live, runtime),
+        lambda live: train_phase1(features, m.df, gallery, args.out, cfg, model_cfg, live, runtime),
         Path(args.out) / "checkpoint", args.live)
     print("phase1 done: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 

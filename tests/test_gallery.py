@@ -136,3 +136,16 @@ def test_world_gallery_is_reproducible_and_refuses_a_too_fine_grid(world_200km, 
         build_gallery(None, "world", resolution_km=0.5)
     with pytest.raises(ConfigError, match="resolution_km"):
         build_gallery(None, "world", resolution_km=0.0)
+
+
+def test_val_set_gallery_is_the_validation_frames_own_gps():
+    """App. D.2: the validation-set gallery holds each validation frame's GPS once; training validates on it."""
+    import polars as pl
+
+    from vidtag.gallery import build_gallery, split_points
+
+    m = pl.DataFrame({"sequence_id": ["a", "a", "b", "c"], "frame_index": [0, 1, 0, 0],
+                      "lat": [1.0, 1.0, 2.0, 3.0], "lon": [4.0, 4.0, 5.0, 6.0], "split": ["val", "val", "val", "train"]})
+    assert split_points(m, "val").tolist() == [[1.0, 4.0], [2.0, 5.0]]
+    df, meta = build_gallery(m, "val_set")
+    assert df.select("lat", "lon").to_numpy().tolist() == [[1.0, 4.0], [2.0, 5.0]] and meta["splits"] == ["val"]

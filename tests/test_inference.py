@@ -356,3 +356,19 @@ def test_evaluation_fills_city_state_country_continent_accuracy(tmp_path):
                                       "continent", "pred_city", "pred_state", "pred_country", "pred_continent"))["city"]
     assert set(res.metrics["phase1"]["city"]) == set(video)
     assert "labels" in summary(res.metrics) and "per frame" in summary(res.metrics)
+
+
+def test_a_bundle_without_a_gallery_round_trips_and_asks_for_one(bundle, tmp_path):
+    """A trained model is written without a gallery (evaluation packs one): it loads, refuses to predict alone
+    with one clear line, and predicts against any gallery it is given."""
+    import dataclasses
+
+    bare = save_bundle(tmp_path / "bare", dataclasses.replace(bundle, gallery_path=None))
+    loaded = load_bundle(bare)
+    assert loaded.gallery_path is None and not (bare / "gallery.parquet").exists()
+    clip, dino, offsets = features([4])
+    with pytest.raises(InferenceError, match="carries no gallery"):
+        predict_sequences(loaded, clip, dino, None, offsets, device="cpu")
+    out = predict_sequences(loaded, clip, dino, None, offsets, gallery=grid(), device="cpu")
+    ref = predict_sequences(bundle, clip, dino, None, offsets, device="cpu")
+    assert out.select("lat", "lon").equals(ref.select("lat", "lon"))

@@ -108,8 +108,9 @@ def test_dvc_repro_on_a_small_toy_world(tmp_path):
 
     from vidtag.models.bundle import load_bundle
 
-    bundle = load_bundle(work / "cache" / "model", "cpu")
+    bundle = load_bundle(work / "cache" / "bundle", "cpu")
     assert bundle.gallery_path.exists() and bundle.config["backbones"]["config"]["preset"] == "tiny"
+    assert load_bundle(work / "cache" / "model", "cpu").gallery_path is None  # training never reads the gallery
     assert (work / "plots" / "error_cdf.csv").exists() and len(list((work / "plots" / "maps").glob("*.png"))) == 2
 
     # Unchanged: a no-op. A phase2 param: only train_phase2 and evaluate run.
@@ -118,6 +119,11 @@ def test_dvc_repro_on_a_small_toy_world(tmp_path):
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = _run(["dvc", "repro"], work, env)
     assert set(re.findall(r"Running stage '(\w+)'", log)) == {"train_phase2", "evaluate"}, log
+    # a gallery param: only the gallery and the evaluation run (Table 5's sweep never retrains)
+    params["gallery"]["resolution_km"] = 0.2
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = _run(["dvc", "repro"], work, env)
+    assert set(re.findall(r"Running stage '(\w+)'", log)) == {"gallery", "evaluate"}, log
     # runtime settings change how stages run, not what they compute: nothing re-runs
     params["runtime"].update(eval_every=2, device="cpu", features_in_memory=False)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -1,7 +1,7 @@
 """The Python API, and what ``vidtag predict`` runs: a model that geolocates every frame of a video.
 
     from vidtag import load_model
-    model = load_model("geoclip")             # or a bundle directory, e.g. "cache/model"
+    model = load_model("geoclip")             # or a bundle directory, e.g. "cache/bundle"
     df = model.predict("drive.mp4", top_k=5)   # or a frames folder, an image, a folder of videos, PIL images
 
 ``df`` is a polars DataFrame, one row per frame: ``frame_index, timestamp_s, lat, lon, phase1_lat, phase1_lon,
@@ -16,7 +16,7 @@ embedded once per (model, gallery) and cached on disk (``cache_dir``) and in the
 
 Models: ``"geoclip"`` is built in (GeoCLIP zero-shot, worldwide: :mod:`vidtag.models.geoclip_model`; it needs
 CLIP ViT-L/14 ``openai`` in the local cache, see ``vidtag weights``); any other argument is a bundle directory
-(a trained VidTAG model, ``cache/model``). To load a bundle directory named like a built-in, write
+(a trained VidTAG model, ``cache/bundle``). To load a bundle directory named like a built-in, write
 ``"./geoclip"``.
 """
 
@@ -185,7 +185,7 @@ class Model:
         from vidtag.inference import InferenceConfig
 
         self.bundle = bundle
-        self.name = name or str(bundle.gallery_path.parent)
+        self.name = name or (str(bundle.gallery_path.parent) if bundle.gallery_path is not None else "model bundle")
         self.device = resolve_device(device)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.cfg = cfg if cfg is not None else InferenceConfig()
@@ -225,6 +225,10 @@ class Model:
 
             g = self._gallery_arg
             if g is None:
+                if self.bundle.gallery_path is None:
+                    from vidtag.errors import InferenceError
+
+                    raise InferenceError(f"{self.name} carries no gallery; pass one (--gallery FILE, gallery=...)")
                 self._gallery = read_gallery_latlon(self.bundle.gallery_path)
             elif isinstance(g, (str, os.PathLike)):
                 self._gallery = read_gallery_file(g)

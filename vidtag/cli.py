@@ -448,7 +448,7 @@ def predict(
                                             "judged by its files: only images = frames, only videos = videos."),
     model: str = typer.Option(..., "--model", "-m", help="'geoclip' (built in: GeoCLIP zero-shot, worldwide, no "
                                                         "training; needs CLIP ViT-L/14, see `vidtag weights`) or a model "
-                                                        "bundle directory (e.g. cache/model)."),
+                                                        "bundle directory (e.g. cache/bundle)."),
     out: _Path = typer.Option(..., "--out", "-o", callback=_predict_out, help="Output file, format by extension: .csv, .parquet, .geojson, "
                                                       ".gpx. For a folder of videos: a folder, one <video>.<format> each."),
     fmt: str = typer.Option("csv", "--format", help="Folder of videos: each output's format (csv, parquet, geojson, gpx)."),
@@ -470,7 +470,7 @@ def predict(
                                                                    "(e.g. 2024-05-01T12:00:00Z) [default: 1970-01-01T00:00:00Z = elapsed time]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Folder of videos: redo outputs that exist (by default "
                                                              "they are skipped, so an interrupted run resumes)."),
-    map_path: _Opt[_Path] = typer.Option(None, "--map", callback=_map_file, help="Also draw the trajectory: a PNG, or an interactive map if it ends in .html."),
+    map_path: _Opt[_Path] = typer.Option(None, "--map", callback=_map_file, help="Also draw the trajectory, format by extension: .html (interactive, works offline), .png, .svg or .pdf."),
     fps: float = typer.Option(1.0, callback=_check_fps, help="Frames sampled per second of video (ignored for frames and images)."),
     device: str = _DEVICE,
     batch_size: int = typer.Option(32, min=1, help="Frames per backbone forward pass."),
@@ -526,9 +526,13 @@ def predict(
     if map_path is not None:
         from vidtag.viz import trajectory_map
 
+        from vidtag.api import candidates_table
+
         try:
             trajectory_map(map_path, df["lat"].to_numpy(), df["lon"].to_numpy(), title=input.name,
-                           confidence=df["confidence"].to_numpy(), phase1=(df["phase1_lat"].to_numpy(), df["phase1_lon"].to_numpy()))
+                           confidence=df["confidence"].to_numpy(), phase1=(df["phase1_lat"].to_numpy(), df["phase1_lon"].to_numpy()),
+                           frame_index=df["frame_index"].to_numpy(), timestamp_s=df["timestamp_s"].to_numpy(),
+                           candidates=candidates_table(df) if top_k else None)
         except ValueError as e:
             fail(f"could not draw {map_path}: {e}")
     n_bad = int((~df["valid"]).sum())
@@ -569,7 +573,7 @@ def weights(
 def evaluate(
     manifest: _Path = typer.Argument(..., help="Manifest parquet of annotated videos or frames (from `vidtag ingest video "
                                                "--track` or `vidtag ingest frames --coords`)."),
-    model: _Path = typer.Option(..., "--model", "-m", help="Model bundle directory (e.g. cache/model)."),
+    model: _Path = typer.Option(..., "--model", "-m", help="Model bundle directory (e.g. cache/bundle)."),
     out: _Path = typer.Option(_Path("evaluation"), "--out", "-o", callback=_output_dir,
                               help="Folder for metrics.json, per_sequence.csv, predictions.parquet and plots/."),
     split: Split = typer.Option(Split.all, help="Rows to score: all, or one split of the manifest."),

@@ -224,8 +224,11 @@ def _compare(found: Located, gallery, valid, offsets, ids, m: pl.DataFrame, deco
 
 
 def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = EvalConfig(), *,
-                   runtime: EvalRuntime = EvalRuntime(), cache_dir: str | Path | None = None, progress: bool = False) -> EvalResult:
-    """Predict every frame of ``cfg.split`` and score it; ``features`` row i is manifest row i."""
+                   runtime: EvalRuntime = EvalRuntime(), cache_dir: str | Path | None = None, progress: bool = False,
+                   gallery_path: str | Path | None = None) -> EvalResult:
+    """Predict every frame of ``cfg.split`` and score it; ``features`` row i is manifest row i. The gallery is
+    ``gallery_path`` when given (any gallery file: Table 5's resolutions, App. D.2's validation set), else the
+    bundle's own."""
     if features.clip.shape[0] != manifest.height:
         raise EvaluationError(f"feature store has {features.clip.shape[0]} rows but the manifest {manifest.height}; "
                               "extract features for this manifest")
@@ -237,8 +240,11 @@ def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = E
     offsets, ids = offsets_from_sequence_ids(m["sequence_id"].to_list())
     if len(set(ids)) != len(ids):
         raise EvaluationError("manifest rows of a sequence are not contiguous; the manifest must be sorted by (sequence_id, frame_index)")
-    gal_df, gal_meta = read_gallery(bundle.gallery_path)
-    gallery = gallery_latlon(gal_df, bundle.gallery_path)
+    gallery_path = gallery_path if gallery_path is not None else bundle.gallery_path
+    if gallery_path is None:
+        raise EvaluationError("the model bundle carries no gallery; give the evaluation one (`--gallery FILE`)")
+    gal_df, gal_meta = read_gallery(gallery_path)
+    gallery = gallery_latlon(gal_df, gallery_path)
 
     # Temporal decoding: timestamps where the manifest has them, else the training tracks' step scale.
     ts = split_timestamps(m)

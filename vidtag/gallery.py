@@ -25,7 +25,7 @@ from vidtag.geo import (KM_PER_DEG_LAT, EARTH_RADIUS_KM, BBox, bounding_box, che
                         wrap_lon)
 from vidtag.io import read_parquet_metadata, write_parquet_atomic
 
-KINDS = ("grid", "city_centres", "geoclip100k", "world")
+KINDS = ("grid", "city_centres", "geoclip100k", "world", "val_set")
 META_KEY = "vidtag.gallery"
 EARTH_AREA_KM2 = 4 * np.pi * EARTH_RADIUS_KM**2
 LAND_FRACTION = 0.30  # of the Earth's surface, Antarctica included: the world gallery's expected share of grid points
@@ -159,8 +159,9 @@ def build_gallery(
     region_column: str | None = "city",
     manifest_fingerprint: str | None = None,
 ) -> tuple[pl.DataFrame, dict]:
-    """Build a gallery ``(df, meta)``: ``grid`` (App. D), ``city_centres`` (Sec. 5.3), ``geoclip100k`` or
-    ``world`` (land everywhere at ``resolution_km``; needs no manifest and ignores the region settings)."""
+    """Build a gallery ``(df, meta)``: ``grid`` (App. D), ``city_centres`` (Sec. 5.3), ``geoclip100k``,
+    ``world`` (land everywhere at ``resolution_km``; needs no manifest and ignores the region settings) or
+    ``val_set`` (App. D.2: the validation frames' own GPS)."""
     if kind not in KINDS:
         raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
     meta: dict = {"kind": kind, "splits": list(splits)}
@@ -177,6 +178,10 @@ def build_gallery(
 
     if manifest_df is None:
         raise GalleryError(f"kind={kind!r} needs a manifest to build from")
+    if kind == "val_set":
+        latlon = split_points(manifest_df, "val")
+        meta.update(splits=["val"], regions=[])
+        return _finish(pl.DataFrame({"lat": latlon[:, 0], "lon": latlon[:, 1]}), meta, manifest_fingerprint)
     pts = manifest_df.filter(pl.col("split").is_in(list(splits)) & pl.col("lat").is_not_null() & pl.col("lon").is_not_null())
     if pts.height == 0:
         raise GalleryError(f"the manifest has no frames with coordinates in split(s) {list(splits)}; "
@@ -220,6 +225,17 @@ def build_gallery(
     meta.update(regions=regions, resolution_km=resolution_km, padding_km=padding_km, trim_quantile=trim_quantile,
                 region_column=use_col, cluster_km=None if use_col else cluster_km)
     return _finish(df, meta, manifest_fingerprint)
+
+
+def split_points(manifest_df: pl.DataFrame, split: str = "val") -> np.ndarray:
+    """(G, 2) distinct lat, lon of a split's geotagged frames, sorted: App. D.2's validation-set gallery, where
+    the truth of every frame is in the gallery. Training validates against it, so training depends on the
+    manifest alone and a change of the evaluation gallery re-runs only `evaluate`."""
+    pts = (manifest_df.filter((pl.col("split") == split) & pl.col("lat").is_not_null() & pl.col("lon").is_not_null())
+           .select(pl.col("lat").cast(pl.Float64), pl.col("lon").cast(pl.Float64)).unique().sort("lat", "lon"))
+    if pts.height == 0:
+        raise GalleryError(f"the manifest has no geotagged frames in split {split!r} to build a validation-set gallery from")
+    return pts.to_numpy()
 
 
 def _finish(df: pl.DataFrame, meta: dict, manifest_fingerprint: str | None) -> tuple[pl.DataFrame, dict]:

@@ -200,6 +200,9 @@ class Locator:
                    cache_dir: str | Path | None = None, cfg: InferenceConfig = InferenceConfig(), device="auto") -> Locator:
         """A locator for a trained bundle; gallery embeddings cached under ``cache_dir`` per (model, gallery)."""
         if gallery is None:
+            if bundle.gallery_path is None:
+                raise InferenceError("this model bundle carries no gallery (a trained model before `evaluate` packs one); "
+                                     "pass a gallery file (--gallery FILE, gallery=...)")
             gallery = read_gallery_latlon(bundle.gallery_path)
         gallery = np.asarray(gallery, dtype=np.float64)
         if gallery_emb is None:

@@ -43,7 +43,7 @@ class Bundle:
     refiner: GeoRefiner | None  # None: Fig. 5 stops after Phase I (kind geoclip)
     logit_scale: torch.Tensor  # scalar, log of the Phase I temperature
     config: dict[str, Any]  # config.json: "model" (VidTAGConfig dict), "backbones", "feature_dims", ...
-    gallery_path: Path
+    gallery_path: Path | None  # None: the bundle carries no gallery (a trained model before evaluation packs one)
 
     @property
     def kind(self) -> str:
@@ -99,7 +99,8 @@ def build_models(cfg: VidTAGConfig, seed: int = 0, location_init: str = "random"
 
 
 def assemble_bundle(frame_encoder: FrameEncoder, location_encoder: LocationEncoder, refiner: GeoRefiner, logit_scale: torch.Tensor,
-                    model_cfg: VidTAGConfig, feature_attrs: dict[str, Any], training: dict[str, Any], gallery_path: str | Path) -> Bundle:
+                    model_cfg: VidTAGConfig, feature_attrs: dict[str, Any], training: dict[str, Any],
+                    gallery_path: str | Path | None = None) -> Bundle:
     """The bundle of a finished Phase II: the trained modules (on the CPU, eval mode), the feature store's
     backbone and preprocessing record (so `vidtag predict` extracts matching features) and the gallery."""
     config = {
@@ -111,7 +112,7 @@ def assemble_bundle(frame_encoder: FrameEncoder, location_encoder: LocationEncod
         "training": training,
     }
     modules = [m.cpu().eval() for m in (frame_encoder, location_encoder, refiner)]
-    return Bundle(*modules, logit_scale.detach().cpu(), config, Path(gallery_path))
+    return Bundle(*modules, logit_scale.detach().cpu(), config, None if gallery_path is None else Path(gallery_path))
 
 
 def bundle_state_dict(bundle: Bundle) -> dict[str, torch.Tensor]:
@@ -125,20 +126,22 @@ def bundle_state_dict(bundle: Bundle) -> dict[str, torch.Tensor]:
 def save_bundle(directory: str | Path, bundle: Bundle) -> Path:
     """Write the bundle directory atomically; returns its path. Fingerprints are computed here."""
     directory = Path(directory)
-    gallery_src = Path(bundle.gallery_path)
-    if not gallery_src.exists():
+    gallery_src = None if bundle.gallery_path is None else Path(bundle.gallery_path)
+    if gallery_src is not None and not gallery_src.exists():
         raise BundleError(f"gallery {gallery_src} does not exist; build it first (stage `gallery`)")
     with atomic_path(directory) as tmp:
         tmp.mkdir()
         save_file(bundle_state_dict(bundle), tmp / WEIGHTS_FILE, metadata={"format": "vidtag-bundle"})
-        shutil.copyfile(gallery_src, tmp / GALLERY_FILE)
+        if gallery_src is not None:
+            shutil.copyfile(gallery_src, tmp / GALLERY_FILE)
         config = dict(bundle.config)
         config.update(
             format_version=BUNDLE_FORMAT,
             model=normalise_model_config(bundle_kind(config, "bundle config"), config["model"]),  # validates and normalises
             weights_file=WEIGHTS_FILE,
             model_sha256=sha256_file(tmp / WEIGHTS_FILE),
-            gallery={"file": GALLERY_FILE, "source": str(gallery_src), "sha256": sha256_file(tmp / GALLERY_FILE)},
+            gallery=None if gallery_src is None else
+            {"file": GALLERY_FILE, "source": str(gallery_src), "sha256": sha256_file(tmp / GALLERY_FILE)},
         )
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
@@ -148,7 +151,7 @@ def _check_inside(directory: Path) -> None:
     """Bundle files are read only from inside the bundle: a symlink leaving it is refused."""
     real_dir = directory.resolve()
     for f in (WEIGHTS_FILE, CONFIG_FILE, GALLERY_FILE):
-        if not (directory / f).resolve().is_relative_to(real_dir):
+        if (directory / f).exists() and not (directory / f).resolve().is_relative_to(real_dir):
             raise BundleError(f"{directory / f} resolves outside the bundle ({(directory / f).resolve()}); a bundle's "
                               "files are read only from inside it: copy the file in instead of linking it")
 
@@ -168,8 +171,8 @@ def _read_config(path: Path) -> dict[str, Any]:
                           "model_sha256, gallery, format_version")
     if config.get("format_version") != BUNDLE_FORMAT:
         raise BundleError(f"{path}: format_version {config.get('format_version')!r}, expected {BUNDLE_FORMAT}")
-    for key, kind in (("model", dict), ("gallery", dict), ("model_sha256", str)):
-        if not isinstance(config.get(key), kind):
+    for key, kind in (("model", dict), ("gallery", (dict, type(None))), ("model_sha256", str)):
+        if key not in config or not isinstance(config.get(key), kind):
             found = "missing" if key not in config else f"a {type(config[key]).__name__}"
             raise BundleError(f"{path}: '{key}' is {found}, expected a JSON {'object' if kind is dict else 'string'}")
     return config
@@ -208,12 +211,18 @@ def _check_shapes(directory: Path, kind: str, model: dict[str, Any]) -> None:
 def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Rebuild the model from a bundle directory, checking files and fingerprints; modules in eval mode."""
     directory = Path(directory)
-    missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE, GALLERY_FILE) if not (directory / f).is_file()]
+    missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE) if not (directory / f).is_file()]
     if missing:
         raise BundleError(f"model bundle {directory} is incomplete: missing {missing}; re-run `dvc repro train_phase2`")
     _check_inside(directory)
     config = _read_config(directory / CONFIG_FILE)
-    for name, file, key in (("weights", WEIGHTS_FILE, config.get("model_sha256")), ("gallery", GALLERY_FILE, config["gallery"].get("sha256"))):
+    has_gallery = config["gallery"] is not None
+    if has_gallery and not (directory / GALLERY_FILE).is_file():
+        raise BundleError(f"model bundle {directory} is incomplete: missing ['{GALLERY_FILE}'] named in its config.json")
+    checks = [("weights", WEIGHTS_FILE, config.get("model_sha256"))]
+    if has_gallery:
+        checks.append(("gallery", GALLERY_FILE, config["gallery"].get("sha256")))
+    for name, file, key in checks:
         found = sha256_file(directory / file)
         if found != key:
             raise BundleError(f"{directory / file}: sha256 {found[:12]}... does not match config.json ({str(key)[:12]}...); the {name} were changed after the bundle was written")
@@ -236,5 +245,5 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bu
     if "logit_scale" not in state:
         raise BundleError(f"{directory / WEIGHTS_FILE}: no logit_scale tensor")
     bundle = Bundle(frame.to(device), loc.to(device), refiner.to(device) if refiner is not None else None,
-                    state["logit_scale"].to(device), config, directory / GALLERY_FILE)
+                    state["logit_scale"].to(device), config, directory / GALLERY_FILE if has_gallery else None)
     return bundle.eval()
