@@ -45,6 +45,9 @@ class Phase1Config:
     symmetric: bool = False  # Eq. 1 is frame->GPS only (as GeoCLIP); True adds GPS->frame
     train_location_encoder: bool = True  # Sec. 3.3: the location encoder is fine-tuned
     location_init: str = "geoclip"  # Sec. 3.3: start from GeoCLIP's shipped weights; "random" trains from scratch
+    bf16: bool = False  # bf16 autocast of the encoders' forward (the loss stays fp32): the GPU setting, ~2x the
+    # matmul rate of fp32 on bf16 tensor cores; it changes results slightly, so it is a training choice, off for
+    # CPU runs that must reproduce (loop.autocast)
     seed: int = 0
 
 
@@ -140,17 +143,23 @@ def train_phase1(
     model.location_encoder.requires_grad_(cfg.train_location_encoder)
     for capsule in model.location_encoder.capsules():  # the Fourier matrices stay fixed whatever the flag says
         capsule.capsule[0].b.requires_grad_(False)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    optimizer = loop.adam([p for p in model.parameters() if p.requires_grad], cfg.lr, device)
+    frame_encoder = loop.maybe_compile(model.frame_encoder, runtime.compile)
+    location_encoder = loop.maybe_compile(model.location_encoder, runtime.compile)
+    lengths_host = train.lengths.cpu().numpy()
 
-    def step(seq_idx: torch.Tensor, gen: torch.Generator):
-        rows, pad = sample_frames(train, seq_idx, cfg.seq_len, gen, cfg.sampling)  # (B, T)
+    def step(batch: loop.Batch, gen: torch.Generator):
+        rows, pad = sample_frames(train, batch.seq_idx, cfg.seq_len, gen, cfg.sampling)  # (B, T)
         clip, dino, latlon = data.gather(rows)
-        valid = ~pad
-        emb = model.frame_encoder(clip, dino, pad)[valid]  # (B, T, D) -> (N, D)
-        gps = latlon[valid]  # (N, 2)
+        n = loop.frames_in_batch(lengths_host, batch.seq_idx_host, pad.shape[1])
+        keep = loop.valid_positions(pad, n)  # (N,) = the frames of ~pad, without a host sync
+        gps = latlon.flatten(0, 1)[keep]  # (N, 2)
+        with loop.autocast(device, cfg.bf16):
+            emb = frame_encoder(clip, dino, pad).flatten(0, 1)[keep]  # (B, T, D) -> (N, D)
+            gps_emb = location_encoder(gps)  # (N, D)
         targets = positive_targets(gps, cfg.positive_radius_km)
-        loss = contrastive_loss(emb, model.location_encoder(gps), model.logit_scale, targets, cfg.symmetric)
-        return loss, {}, int(gps.shape[0])
+        loss = contrastive_loss(emb.float(), gps_emb.float(), model.logit_scale, targets, cfg.symmetric)
+        return loss, {}, n
 
     phase = loop.Phase(
         "phase1", model, model, optimizer, step,

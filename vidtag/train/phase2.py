@@ -118,7 +118,7 @@ def train_phase2(
     frozen_frame = loop.maybe_compile(phase1.frame_encoder, runtime.compile)
     frozen_location = loop.maybe_compile(phase1.location_encoder, runtime.compile)
     trained = loop.maybe_compile(refiner, runtime.compile)
-    lengths_host = train.lengths.cpu()
+    lengths_host = train.lengths.cpu().numpy()
 
     def step(batch: loop.Batch, gen: torch.Generator):
         rows, pad = sample_frames(train, batch.seq_idx, cfg.seq_len, gen, cfg.sampling)  # (B, T)
