@@ -50,6 +50,10 @@ class FeatureTensors:
         r = rows.clamp(min=0)
         return self.clip[r].float(), self.dino[r].float(), self.latlon[r]
 
+    def sample(self, draw):
+        """``draw()`` (a step drawing its batch's rows on the device), as is: nothing here waits for the device."""
+        return draw()
+
 
 def _manifest_latlon(clip, dino, manifest: pl.DataFrame) -> np.ndarray:
     """(N, 2) float64 lat/lon (NaN = unknown), after checking the features have one row per manifest row."""
@@ -83,10 +87,10 @@ class _Staging:
     """A reusable host buffer for one array's gathered rows: pinned on CUDA so the copy is asynchronous,
     and guarded by an event so it is not overwritten while a copy from it may still be in flight."""
 
-    def __init__(self, dim: int, device: torch.device):
-        self.dim, self.device = dim, device
+    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype = torch.float16):
+        self.dim, self.device, self.dtype = dim, device, dtype
         self.pin = device.type == "cuda"
-        self.buf = torch.empty(0, dim, dtype=torch.float16)
+        self.buf = torch.empty(0, dim, dtype=dtype)
         self.event = torch.cuda.Event() if self.pin else None
         self.pending = False
 
@@ -95,7 +99,7 @@ class _Staging:
             self.event.synchronize()
             self.pending = False
         if self.buf.shape[0] < n:
-            self.buf = torch.empty(max(n, 2 * self.buf.shape[0]), self.dim, dtype=torch.float16, pin_memory=self.pin)
+            self.buf = torch.empty(max(n, 2 * self.buf.shape[0]), self.dim, dtype=self.dtype, pin_memory=self.pin)
         return self.buf[:n].numpy()
 
     def to_device(self, n: int) -> torch.Tensor:
@@ -131,6 +135,9 @@ class StreamedFeatures:
         readers = [] if self.in_host else [ChunkReader.for_array(a) for a in self.arrays]
         self.readers = readers if readers and all(r is not None for r in readers) else None  # else through zarr
         self.staging = [_Staging(int(a.shape[1]), self.device) for a in self.arrays]
+        self.inverse = _Staging(1, self.device, torch.int64)  # (B*T, 1): where each batch position's row is
+        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._drawn: tuple[torch.Tensor, np.ndarray] | None = None  # rows drawn by sample() and their host copy
         self.chunks_read = 0  # decoded chunks read from the store (statistics, and for tests)
         self.chunks_hit = 0
 
@@ -138,10 +145,30 @@ class StreamedFeatures:
         where = "host arrays" if self.in_host else f"the store in {self.chunk_rows}-row chunks"
         return f"StreamedFeatures({self.n_rows} rows from {where}, {self.chunks_read} chunks read, {self.chunks_hit} hits)"
 
+    def sample(self, draw):
+        """``draw()`` -> (rows (B, T), ...) run on a side CUDA stream, the rows copied to the host there: the copy
+        then waits for the draw alone, not for the previous step's work still queued, so the host reads this
+        batch from the store while the device finishes the last one. The draws and their order are the same
+        (a CUDA generator advances when a kernel is launched, whatever its stream): results are identical."""
+        if self._side is None:
+            return draw()
+        main = torch.cuda.current_stream(self.device)  # pragma: no cover - CUDA only, from here
+        with torch.cuda.stream(self._side):
+            out = draw()
+            host = out[0].clamp(min=0).cpu().numpy()
+        for t in out:
+            if isinstance(t, torch.Tensor):
+                t.record_stream(main)  # the allocator must not hand their memory to the side stream too early
+        main.wait_stream(self._side)
+        self._drawn = (out[0], host)
+        return out
+
     def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """rows (B, T) with -1 = pad -> clip (B, T, Dc), dino (B, T, Dd) float32 and latlon (B, T, 2)."""
         r = rows.clamp(min=0)
-        uniq, inverse = np.unique(r.cpu().numpy().ravel(), return_inverse=True)  # (U,), (B*T,)
+        drawn, self._drawn = self._drawn, None
+        host_rows = drawn[1] if drawn is not None and drawn[0] is rows else r.cpu().numpy()  # the one host sync
+        uniq, inverse = np.unique(host_rows.ravel(), return_inverse=True)  # (U,), (B*T,)
         hosts = [st.host(len(uniq)) for st in self.staging]  # (U, Dc), (U, Dd)
         if self.in_host:
             for arr, host in zip(self.arrays, hosts):
@@ -151,7 +178,8 @@ class StreamedFeatures:
                     host[:] = arr[uniq]  # cast to float16 as FeatureTensors does
         else:
             self._fill_from_chunks(uniq, hosts)
-        inv = torch.from_numpy(inverse.reshape(-1)).to(self.device, non_blocking=True)
+        self.inverse.host(len(inverse))[:, 0] = inverse.reshape(-1)
+        inv = self.inverse.to_device(len(inverse))[:, 0]  # (B*T,) pinned, asynchronous on CUDA
         clip, dino = (st.to_device(len(uniq))[inv].view(*r.shape, -1).float() for st in self.staging)
         return clip, dino, self.latlon[r]
 

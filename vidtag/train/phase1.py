@@ -149,7 +149,7 @@ def train_phase1(
     lengths_host = train.lengths.cpu().numpy()
 
     def step(batch: loop.Batch, gen: torch.Generator):
-        rows, pad = sample_frames(train, batch.seq_idx, cfg.seq_len, gen, cfg.sampling)  # (B, T)
+        rows, pad = data.sample(lambda: sample_frames(train, batch.seq_idx, cfg.seq_len, gen, cfg.sampling))  # (B, T)
         clip, dino, latlon = data.gather(rows)
         n = loop.frames_in_batch(lengths_host, batch.seq_idx_host, pad.shape[1])
         keep = loop.valid_positions(pad, n)  # (N,) = the frames of ~pad, without a host sync

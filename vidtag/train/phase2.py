@@ -121,7 +121,7 @@ def train_phase2(
     lengths_host = train.lengths.cpu().numpy()
 
     def step(batch: loop.Batch, gen: torch.Generator):
-        rows, pad = sample_frames(train, batch.seq_idx, cfg.seq_len, gen, cfg.sampling)  # (B, T)
+        rows, pad = data.sample(lambda: sample_frames(train, batch.seq_idx, cfg.seq_len, gen, cfg.sampling))  # (B, T)
         clip, dino, latlon = data.gather(rows)
         n = loop.frames_in_batch(lengths_host, batch.seq_idx_host, pad.shape[1])
         keep = loop.valid_positions(pad, n)  # (N,) = the frames of ~pad, without a host sync
@@ -135,7 +135,7 @@ def train_phase2(
             flat_noisy[keep] = frozen_location(noisy.flatten(0, 1)[keep]).to(g_noisy.dtype)
         with loop.autocast(device, cfg.bf16):
             refined = trained(frame_emb, g_noisy, pad)  # (B, T, D)
-        # losses in fp32; both select the valid frames with a boolean mask inside (vidtag.train.losses): one host sync
+        # the loss in fp32; it selects the valid frames with a boolean mask (vidtag.train.losses): the step's host sync
         refined, g_true = refined.float(), g_true.float()
         loss, parts = weighted_hinge_loss(refined, g_true, pad, cfg.alpha, cfg.beta, cfg.video_weight)
         return loss, parts, n
