@@ -15,6 +15,8 @@ Run: ``.venv/bin/python benchmarks/decode.py [--gallery 1000000] [--sequences 64
 
 from __future__ import annotations
 
+import setup_threads  # noqa: F401  (first: threads and OpenMP policy before numpy and torch load)
+
 import argparse
 import platform
 import time

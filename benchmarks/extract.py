@@ -11,6 +11,8 @@ On CUDA the share of the bf16 dense peak is reported from a FLOP count of one ba
 
 from __future__ import annotations
 
+import setup_threads  # noqa: F401  (first: threads and OpenMP policy before numpy and torch load)
+
 import argparse
 import json
 import platform
@@ -71,7 +73,7 @@ def main() -> None:
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the available cores, as vidtag uses; read by setup_threads)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args()
     if args.threads:

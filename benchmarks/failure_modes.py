@@ -24,6 +24,8 @@ Without a model (a smoke test on synthetic straight drives):
 
 from __future__ import annotations
 
+import setup_threads  # noqa: F401  (first: threads and OpenMP policy before numpy and torch load)
+
 import argparse
 import json
 import math

@@ -9,6 +9,8 @@ on the first ``--frdist-pairs`` pairs only, because it takes tens of ms per pair
 
 from __future__ import annotations
 
+import setup_threads  # noqa: F401  (first: threads and OpenMP policy before numpy and torch load)
+
 import argparse
 import platform
 import time
