@@ -198,6 +198,15 @@ def test_half_precision_falls_back_to_fp32_where_it_cannot_certify(precision):
     assert clear.n_fallback == 0  # well-separated rows are certified from the short list
 
 
+@pytest.mark.parametrize(("backend", "shards"), [("faiss", None), ("torch", None), ("torch", ["cpu", "cpu", "cpu"])])
+def test_vectors_reads_gallery_rows_from_the_index(backend, shards):
+    g = unit(np.random.default_rng(8).normal(size=(50, 6))).astype(np.float32)
+    kwargs = {"shard_devices": shards} if shards else {}
+    idx = GalleryIndex.build(g, backend, **kwargs)
+    at = torch.tensor([[49, 0], [17, 33]])
+    assert torch.equal(idx.vectors(at), torch.from_numpy(g)[at])
+
+
 def test_fp16_refuses_a_gallery_beyond_its_range():
     g = np.full((4, 3), 1e5, np.float32)
     with pytest.raises(RetrievalError, match="too large for fp16"):

@@ -363,6 +363,22 @@ class GalleryIndex:
             index.cpu().numpy() if isinstance(index, torch.Tensor) else index,
         )
 
+    def vectors(self, index: torch.Tensor) -> torch.Tensor:
+        """Gallery rows (..., D) float32 at ``index`` (any shape, int64), on ``index``'s device, read from the
+        copy the index holds: a caller needing gallery rows (Fig. 5's GeoRefiner takes the top-1's GPS
+        embedding) need not keep a second copy of a 2 GB gallery."""
+        flat = index.reshape(-1)
+        if self.backend == "faiss":
+            rows = torch.from_numpy(self._gallery_np)[flat.cpu()]
+        elif len(self._shards) == 1:
+            rows = self._shards[0].g32[flat.to(self._shards[0].device)]
+        else:
+            rows = torch.empty(len(flat), self.dim, dtype=torch.float32, device=index.device)
+            for sh in self._shards:
+                mine = (flat >= sh.offset) & (flat < sh.offset + len(sh))
+                rows[mine] = sh.g32[(flat[mine] - sh.offset).to(sh.device)].to(index.device)
+        return rows.to(index.device).reshape(*index.shape, self.dim)
+
     # -- torch backend ---------------------------------------------------------------------------
     def _tiles(self, n_queries: int) -> tuple[int, int]:
         """(query rows, gallery rows) per tile: as many queries as ``query_chunk`` allows (the product runs
