@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 import typer
 from media import write_h264
-from test_inference import grid, tiny_bundle
-from test_predict_cli import TINY_BACKBONES, gradient
+from test_inference import grid
+from test_predict_cli import gradient, model_dir  # noqa: F401  (the tiny bundle fixture)
 from typer.testing import CliRunner
 
 from vidtag.cli import GalleryKind, Preset, app
@@ -63,15 +63,6 @@ def test_choices_are_the_library_ones_and_version():
     assert r.exit_code == 0 and r.output.strip() == f"vidtag {__version__}"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from vidtag.features.backbones import build_backbones
-
-    d = tmp_path_factory.mktemp("bundle") / "model"
-    bb = build_backbones(TINY_BACKBONES, "cpu")
-    fp = bb.fingerprint()
-    tiny_bundle(d, grid(), backbones={k: v for k, v in fp.items() if k != "preprocessing"}, dims=bb.dims)
-    return d
 
 
 @pytest.fixture()

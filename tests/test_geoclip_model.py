@@ -5,13 +5,13 @@ geoclip's reference is ``GeoCLIP(from_pretrained=True, clip_pretrained=False)`` 
 and logit scale) with the CLIP tower replaced by an identity on features (as in test_geoclip_head), so its own
 ``forward`` scores our features against a gallery."""
 
-import contextlib
 import json
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
+
+from test_geoclip_head import ref  # noqa: F401  (geoclip's own model, the reference)
 
 from vidtag.api import load_model
 from vidtag.errors import BundleError
@@ -22,25 +22,6 @@ from vidtag.models.geoclip_model import GeoCLIPFrameConfig, GeoCLIPFrameEncoder,
 from vidtag.models.location_encoder import GEOCLIP_SIGMAS, LocationEncoder
 
 K = 5
-
-
-class _FeaturesAsPixels(nn.Module):
-    def get_image_features(self, pixel_values):
-        return pixel_values
-
-
-@pytest.fixture(scope="module")
-def ref():
-    from geoclip import GeoCLIP
-
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:
-        no_init_weights = contextlib.nullcontext
-    with no_init_weights():
-        model = GeoCLIP(from_pretrained=True, clip_pretrained=False)
-    model.image_encoder.CLIP = _FeaturesAsPixels()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

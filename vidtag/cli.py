@@ -235,7 +235,7 @@ def _map_file(ctx: typer.Context, param: typer.CallbackParam, value: _Opt[_Path]
 
 # Choices, spelled here so `vidtag --help` imports no torch; tests check they equal the library's.
 Preset = enum.Enum("Preset", {p.replace("-", "_"): p for p in ("real", "tiny", "real-arch")}, type=str)
-GalleryKind = enum.Enum("GalleryKind", {k: k for k in ("grid", "city_centres", "geoclip100k", "world")}, type=str)
+GalleryKind = enum.Enum("GalleryKind", {k: k for k in ("grid", "city_centres", "geoclip100k", "world", "val_set")}, type=str)
 Split = enum.Enum("Split", {s: s for s in ("all", "train", "val", "test")}, type=str)
 
 _DEVICE = typer.Option("auto", callback=_check_device, help="auto (GPU when available), cpu, cuda, cuda:1, ...")
@@ -399,7 +399,7 @@ app.add_typer(gallery_app, name="gallery")
 @gallery_app.command("build")
 def gallery_build(manifest: _Path = typer.Argument(..., help="Manifest parquet whose training split the gallery covers."),
                   out: _Path = typer.Option(..., "--out", "-o", callback=_output_file, help="Gallery parquet to write."),
-                  kind: GalleryKind = typer.Option(GalleryKind.grid, help="grid: points over the training regions; city_centres: one per city; geoclip100k: GeoCLIP's 100K gallery (App. D); world: a land-only grid over the whole Earth."),
+                  kind: GalleryKind = typer.Option(GalleryKind.grid, help="grid: points over the training regions; city_centres: one per city; geoclip100k: GeoCLIP's 100K gallery (App. D); world: a land-only grid over the whole Earth; val_set: the validation frames' own GPS (App. D.2)."),
                   resolution_km: float = typer.Option(0.1, callback=_number_in(0, low_open=True), help="Grid spacing in km (paper: 0.1 MSLS, 0.5 GAMa)."),
                   padding_km: float = typer.Option(1.0, callback=_number_in(0), help="Margin around each region in km."),
                   trim_quantile: float = typer.Option(0.0, callback=_number_in(0, 0.5, high_open=True), help="Trim this quantile of outliers on each side of a region."),
