@@ -45,6 +45,7 @@ def main() -> None:
     maps = write_reports(result, predictions=args.predictions, metrics=args.metrics, per_sequence_csv=args.per_sequence,
                          plots_dir=args.plots, n_maps=cfg.n_maps)
     print(summary(result.metrics))
+    print("cost: " + " ".join(f"{k}={v}" for k, v in result.timing.items()))
     print(f"wrote {args.predictions}, {args.metrics}, {args.per_sequence}, {args.plots} ({len(maps)} maps), {args.bundle}")
 
 
