@@ -58,7 +58,8 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """Seconds as h:mm:ss (or m:ss under an hour), for status lines and ETAs."""
     s = int(seconds)
     h, rem = divmod(s, 3600)
     m, s = divmod(rem, 60)
@@ -120,11 +121,11 @@ class Progress:
             speed = f"{rate:.1f} {self.unit}/s"
         else:
             speed = f"{1 / rate:.1f} s/{self.unit}"
-        parts = [speed, _clock(elapsed)]
+        parts = [speed, clock(elapsed)]
         if final:
             parts.append("done" if self.total is None or self.n >= self.total else "stopped")
         elif self.total is not None and rate > 0:
-            parts.append(f"ETA {_clock(max(0, self.total - self.n) / rate)}")
+            parts.append(f"ETA {clock(max(0, self.total - self.n) / rate)}")
         prefix = f"{self.desc}: " if self.desc else ""
         return f"{prefix}{count} {self.unit} ({', '.join(parts)})"
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from vidtag.errors import CheckpointMismatchError, TrainingError
 from vidtag.features.sequences import SequenceTable
-from vidtag.progress import progress
+from vidtag.progress import clock, progress
 from vidtag.seeding import seeded
 from vidtag.train.batches import epoch_order
 from vidtag.train.checkpoint import load_checkpoint, restore, save_checkpoint
@@ -278,6 +278,7 @@ def run(phase: Phase, train: SequenceTable, schedule: Schedule, runtime: Runtime
     print(f"{phase.name}: train {train}, device {device}, from epoch {start_epoch} of {schedule.epochs}")
     writer = CheckpointWriter()
     last_write = time.monotonic()
+    started, done_here = time.monotonic(), 0  # for the run's ETA (epochs of this process only: a resume is timed afresh)
     try:
         with seeded(schedule.seed):
             for epoch in range(start_epoch, schedule.epochs):
@@ -317,7 +318,9 @@ def run(phase: Phase, train: SequenceTable, schedule: Schedule, runtime: Runtime
                 if phase.validate is not None and ((runtime.eval_every and (epoch + 1) % runtime.eval_every == 0) or last):
                     metrics.update({f"val_{k}": v for k, v in phase.validate().items()})
                 log_metrics(live, metrics, phase.name)
-                print(f"{desc} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+                done_here += 1
+                eta_s = (time.monotonic() - started) / done_here * (schedule.epochs - epoch - 1)
+                print(f"{desc} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()) + f" eta={clock(eta_s)}", flush=True)
                 by_count = runtime.checkpoint_every and (epoch + 1) % runtime.checkpoint_every == 0
                 by_time = runtime.checkpoint_minutes and time.monotonic() - last_write >= 60 * runtime.checkpoint_minutes
                 if last or by_count or by_time:
