@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.common import load_params, pick, run_stage
-from pipeline.training import run_resumable
+from pipeline.training import code_fingerprint, run_resumable
 from vidtag.data.manifest import manifest_fingerprint, read_manifest
 from vidtag.features.store import load_features
 from vidtag.gallery import split_points
@@ -43,7 +43,8 @@ def main() -> None:
     # manifest alone and a change of the evaluation gallery re-runs only `evaluate`.
     gallery = split_points(m.df, "val") if (m.df["split"] == "val").any() else None
     metrics = run_resumable(
-        lambda live: train_phase1(features, m.df, gallery, args.out, cfg, model_cfg, live, runtime),
+        lambda live: train_phase1(features, m.df, gallery, args.out, cfg, model_cfg, live, runtime,
+                                  code=code_fingerprint("pipeline.train_phase1")),
         Path(args.out) / "checkpoint", args.live)
     print("phase1 done: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.common import load_params, pick, run_stage
-from pipeline.training import run_resumable
+from pipeline.training import code_fingerprint, run_resumable
 from vidtag.data.manifest import manifest_fingerprint, read_manifest
 from vidtag.features.store import load_features
 from vidtag.gallery import split_points
@@ -43,7 +43,8 @@ def main() -> None:
     gallery = split_points(m.df, "val") if (m.df["split"] == "val").any() else None  # App. D.2, as in train_phase1
     metrics = run_resumable(
         lambda live: train_phase2(features, m.df, None, gallery, args.phase1, out,
-                                  ckpt, cfg, refiner_cfg, live, runtime),
+                                  ckpt, cfg, refiner_cfg, live, runtime,
+                                  code=code_fingerprint("pipeline.train_phase2")),
         ckpt, args.live)
     print("phase2 done: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 

@@ -64,6 +64,15 @@ def _discard(checkpoint_dir: Path) -> None:
     history_path(checkpoint_dir).unlink(missing_ok=True)
 
 
+def code_fingerprint(module: str) -> str:
+    """sha256 over the repository files ``module`` imports (the stage's code deps in dvc.yaml): part of a training
+    run's identity, so an unfinished checkpoint written by older code is started afresh, not resumed."""
+    from pipeline.deps import REPO, import_closure
+    from vidtag.fingerprint import sha256_file, sha256_json
+
+    return sha256_json({f: sha256_file(REPO / f) for f in import_closure([module])})
+
+
 def run_resumable(train: Callable[[Any], dict], checkpoint_dir: Path, live_dir: str | None) -> dict:
     """Run ``train(live)``, resuming from ``checkpoint_dir`` after an interruption.
 

@@ -213,3 +213,32 @@ def test_phase2_refuses_to_resume_on_top_of_another_phase1_run(world, phase1_dir
     with pytest.raises(TrainingError, match="different phase1"):
         train_phase2(world, world.manifest, gallery_path, world.gallery, other_p1, tmp_path / "m", tmp_path / "ck", one_epoch,
                      refiner, runtime=RT2)
+
+
+def test_phase2_refuses_to_resume_on_other_phase1_weights_with_the_same_config(world, phase1_dir, tmp_path):
+    """Phase I retrained by changed code under the same params has other weights: Phase II starts afresh."""
+    import shutil
+
+    from vidtag.train.checkpoint import save_checkpoint
+
+    gallery_path = tmp_path / "gallery.parquet"
+    pl.DataFrame({"lat": world.gallery[:, 0], "lon": world.gallery[:, 1]}).write_parquet(gallery_path)
+    refiner = GeoRefinerConfig(**TINY_MODEL.refiner.__dict__)
+    one_epoch = Phase2Config(**{**P2.__dict__, "epochs": 1})
+    p1 = tmp_path / "p1"
+    shutil.copytree(phase1_dir, p1)
+    train_phase2(world, world.manifest, gallery_path, world.gallery, p1, tmp_path / "m", tmp_path / "ck", one_epoch, refiner, runtime=RT2)
+    ckpt = load_checkpoint(p1 / "checkpoint")
+    model, _ = load_phase1(p1)
+    with torch.no_grad():
+        model.logit_scale.add_(0.01)
+    save_checkpoint(p1 / "checkpoint", {"phase1": model}, None, ckpt.state)
+    with pytest.raises(TrainingError, match="different phase1_weights"):
+        train_phase2(world, world.manifest, gallery_path, world.gallery, p1, tmp_path / "m", tmp_path / "ck", one_epoch, refiner, runtime=RT2)
+
+
+def test_code_fingerprint_follows_the_stage_code():
+    from pipeline.training import code_fingerprint
+
+    a, b = code_fingerprint("pipeline.train_phase1"), code_fingerprint("pipeline.train_phase2")
+    assert a == code_fingerprint("pipeline.train_phase1") and a != b and len(a) == 64

@@ -115,11 +115,13 @@ def train_phase1(
     model_cfg: VidTAGConfig | None = None,
     live=None,
     runtime: loop.RuntimeConfig = loop.RuntimeConfig(),
+    code: str | None = None,
 ) -> dict[str, Any]:
     """Train Phase I, resuming from ``out_dir/checkpoint`` when present; returns the final metrics.
 
     ``features`` has ``.clip``, ``.dino`` (numpy, or zarr from ``load_features(lazy=True)``), ``.valid`` and
     ``.attrs`` (vidtag.features.store); the model's feature dims are taken from the arrays. ``live`` is an optional DVCLive ``Live``.
+    ``code``: a fingerprint of the code that trains (the stage passes its import closure's), part of the run's identity.
     """
     out_dir = Path(out_dir)
     device = resolve_device(runtime.device)
@@ -167,6 +169,8 @@ def train_phase1(
         extra_metrics=lambda: {"logit_scale": float(model.logit_scale.detach().exp())},
     )
     run_config = {"model": model_cfg.to_dict(), "train": asdict(cfg), "data": _data_key(features, train)}
+    if code is not None:  # a fingerprint of the training code: an unfinished checkpoint of older code is not resumed
+        run_config["code"] = code
     return loop.run(phase, train, loop.schedule_of(cfg), runtime, out_dir / CHECKPOINT_DIR, run_config, device, live)
 
 

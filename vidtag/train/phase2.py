@@ -14,6 +14,7 @@ from vidtag.device import resolve_device
 from vidtag.errors import TrainingError
 from vidtag.features.sequences import SequenceTable, build_sequences
 from vidtag.features.source import feature_source
+from vidtag.fingerprint import sha256_state
 from vidtag.inference import Locator
 from vidtag.metrics import discrete_frechet_many
 from vidtag.models.bundle import assemble_bundle, save_bundle
@@ -90,6 +91,7 @@ def train_phase2(
     refiner_cfg: GeoRefinerConfig = GeoRefinerConfig(),
     live=None,
     runtime: loop.RuntimeConfig = loop.RuntimeConfig(),
+    code: str | None = None,
 ) -> dict[str, Any]:
     """Train the GeoRefiner on frozen Phase I outputs, resuming from ``checkpoint_dir``; write the bundle to ``out_dir``."""
     device = resolve_device(runtime.device)
@@ -145,7 +147,11 @@ def train_phase2(
         validate=(lambda: validate_two_stage(phase1, refiner, data, val, gallery, runtime, device)) if len(val) else None,
     )
     # The whole Phase I run config: resuming on top of a Phase I trained differently would be stale.
-    run_config = {"model": model_cfg.to_dict(), "train": asdict(cfg), "phase1": p1_config}
+    # The Phase I weights themselves, not only their run config: a Phase I retrained by changed code with the same
+    # params must not be refined on top of a Phase II trained against the old one.
+    run_config = {"model": model_cfg.to_dict(), "train": asdict(cfg), "phase1": p1_config, "phase1_weights": sha256_state(phase1)}
+    if code is not None:  # as in train_phase1
+        run_config["code"] = code
     metrics = loop.run(phase, train, loop.schedule_of(cfg), runtime, Path(checkpoint_dir), run_config, device, live)
 
     attrs = dict(getattr(features, "attrs", {}) or {})
