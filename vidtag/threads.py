@@ -30,8 +30,12 @@ def available_cores() -> int:
 
 
 def passive_openmp() -> None:
-    """Ask OpenMP not to spin-wait, unless the user chose otherwise; effective before torch is imported."""
+    """Ask OpenMP not to spin-wait, and MKL / OpenMP not to shrink their thread teams when the machine is
+    busy (a team that changes size changes the order of float sums, so results would depend on the load),
+    unless the user chose otherwise; effective before torch is imported."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+    os.environ.setdefault("OMP_DYNAMIC", "FALSE")
 
 
 def set_threads(threads: int | None = None) -> int:
