@@ -17,8 +17,8 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,8 @@ class RuntimeConfig:
     eval_max_frames: int = 8192  # padded frames per validation forward pass
     backend: str = "auto"  # retrieval backend for validation (both are exact)
     progress: bool = True  # a bar on a terminal, periodic status lines in logs (vidtag.progress)
+    deterministic: bool = True  # torch's deterministic kernels: with 2+ CPU threads some backward passes
+    # (Phase II's) otherwise sum in a run-dependent order, and a fresh clone would not reproduce the weights
 
     def __post_init__(self):
         if self.check_every < 1:
@@ -264,6 +266,18 @@ def log_metrics(live, metrics: dict[str, float], prefix: str) -> None:
     live.next_step()
 
 
+@contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """torch's deterministic algorithms inside (warnings, not errors, where an op has none), the caller's
+    setting restored after: a library function leaves global state as it found it."""
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
 def run(phase: Phase, train: SequenceTable, schedule: Schedule, runtime: RuntimeConfig, ckpt_dir: Path,
         run_config: dict[str, Any], device: torch.device, live=None) -> dict[str, float]:
     """Train ``phase`` for ``schedule.epochs`` over the sequences of ``train``, resuming from ``ckpt_dir``.
@@ -280,7 +294,7 @@ def run(phase: Phase, train: SequenceTable, schedule: Schedule, runtime: Runtime
     last_write = time.monotonic()
     started, done_here = time.monotonic(), 0  # for the run's ETA (epochs of this process only: a resume is timed afresh)
     try:
-        with seeded(schedule.seed):
+        with seeded(schedule.seed), deterministic_kernels(runtime.deterministic):
             for epoch in range(start_epoch, schedule.epochs):
                 t0 = time.perf_counter()
                 gen = torch.Generator(device=device).manual_seed(epoch_seed(schedule.seed, epoch))
