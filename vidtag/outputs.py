@@ -50,6 +50,7 @@ import numpy as np
 import polars as pl
 
 from vidtag.errors import ConfigError, PredictError
+from vidtag.geo import check_latlon
 from vidtag.io import atomic_path
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".geojson": "geojson", ".json": "geojson", ".gpx": "gpx"}
@@ -252,13 +253,11 @@ def _check_candidates(cands: pl.DataFrame, df: pl.DataFrame) -> pl.DataFrame:
 
 
 def _check_latlon(df: pl.DataFrame, what: str) -> None:
+    """The one coordinate rule (vidtag.geo.check_latlon); a NaN frame is an unpredicted one, like null."""
     lat = df["lat"].cast(pl.Float64).fill_nan(None)
     lon = df["lon"].cast(pl.Float64).fill_nan(None)
-    if (lat.is_null() != lon.is_null()).any():
-        raise PredictError(f"{what}: a row has only one of lat/lon")
-    if ((lat.abs() > 90) | (lon.abs() > 180)).any() or not (lat.drop_nulls().is_finite().all()
-                                                             and lon.drop_nulls().is_finite().all()):
-        raise PredictError(f"{what}: lat must lie in [-90, 90] and lon in [-180, 180] (WGS84 degrees)")
+    check_latlon(lat, lon, source=what, error=PredictError,
+                 what="lat must lie in [-90, 90] and lon in [-180, 180] (WGS84 degrees), both known or both null")
 
 
 def _sequences(df: pl.DataFrame):
