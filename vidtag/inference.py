@@ -63,7 +63,7 @@ from vidtag.features.source import FeatureTensors
 from vidtag.geo import haversine_km_torch
 from vidtag.progress import progress as progress_bar
 from vidtag.refine import LocalRefiner, RefineConfig, gallery_spacing_km
-from vidtag.retrieval import GalleryIndex, gallery_embeddings, latlon_fingerprint, module_fingerprint
+from vidtag.retrieval import GalleryIndex, embed_locations_tensor, gallery_embeddings, latlon_fingerprint, module_fingerprint
 
 OUTPUT_COLUMNS = ("sequence_id", "frame_index", "lat", "lon", "phase1_lat", "phase1_lon", "confidence", "valid")
 
@@ -153,14 +153,6 @@ def _eval_mode(*modules: nn.Module | None) -> Iterator[None]:
             m.train(mode)
 
 
-@torch.no_grad()
-def embed_gallery(location_encoder: nn.Module, latlon_deg: torch.Tensor, batch: int = 8192) -> torch.Tensor:
-    """Unit-norm gallery embeddings (G, D) on the encoder's device, in eval mode, uncached: for a model that
-    is still training (validation), where a disk cache would never be hit twice."""
-    with _eval_mode(location_encoder):
-        return torch.cat([F.normalize(location_encoder(c).float(), dim=-1) for c in latlon_deg.split(batch)])
-
-
 class Locator:
     """Fig. 5 against one gallery: the model's parts and a search index built once over the gallery.
 
@@ -192,7 +184,7 @@ class Locator:
         """A locator for a model in training: the gallery embedded now, on the device, with the current weights."""
         dev = resolve_device(device)
         latlon = torch.as_tensor(np.asarray(gallery_latlon, dtype=np.float64), device=dev)
-        emb = embed_gallery(location_encoder.to(dev), latlon, gallery_batch)
+        emb = embed_locations_tensor(location_encoder.to(dev), latlon, gallery_batch)  # uncached: the model is training
         return cls(frame_encoder, location_encoder, logit_scale, refiner, gallery_latlon, emb, backend=backend, device=dev)
 
     @classmethod

@@ -601,25 +601,29 @@ def latlon_fingerprint(latlon_deg) -> str:
     return sha256_arrays(a[:, 0], a[:, 1])
 
 
+@torch.no_grad()
+def embed_locations_tensor(location_encoder: torch.nn.Module, latlon_deg: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
+    """Unit-normalised (G, D) float32 embeddings of (G, 2) degrees on the encoder's device, in eval mode (the
+    encoder's own mode restored after), in batches: training validation keeps them on the device."""
+    was_training = location_encoder.training
+    location_encoder.eval()
+    try:
+        return torch.cat([torch.nn.functional.normalize(location_encoder(c).float(), dim=-1)  # (b, 2) -> (b, D)
+                          for c in latlon_deg.split(batch_size)])
+    finally:
+        location_encoder.train(was_training)
+
+
 def embed_locations(location_encoder: torch.nn.Module, latlon_deg, batch_size: int = 8192) -> np.ndarray:
-    """Unit-normalised (G, 512) float32 embeddings of (G, 2) degrees, in batches, without gradients."""
+    """Unit-normalised (G, 512) float32 embeddings of (G, 2) degrees, in batches, without gradients (numpy)."""
     latlon = np.asarray(latlon_deg, dtype=np.float32)
     if latlon.ndim != 2 or latlon.shape[1] != 2:
         raise RetrievalError(f"gallery coordinates must be (G, 2) lat, lon degrees; found shape {latlon.shape}")
+    if len(latlon) == 0:
+        return np.zeros((0, 512), np.float32)
     param = next(location_encoder.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    was_training = location_encoder.training
-    location_encoder.eval()
-    chunks = []
-    try:
-        with torch.no_grad():
-            for i in range(0, len(latlon), batch_size):
-                x = torch.from_numpy(latlon[i : i + batch_size]).to(device)
-                e = location_encoder(x).float()  # (b, 2) -> (b, 512)
-                chunks.append(torch.nn.functional.normalize(e, dim=-1).cpu().numpy())
-    finally:
-        location_encoder.train(was_training)
-    return np.concatenate(chunks) if chunks else np.zeros((0, 512), np.float32)
+    return embed_locations_tensor(location_encoder, torch.from_numpy(latlon).to(device), batch_size).cpu().numpy()
 
 
 def _spot_rows(n: int, k: int = 8) -> np.ndarray:
