@@ -58,3 +58,56 @@ def test_weighted_hinge_ignores_padding_and_prefers_the_truth():
     junk = truth.clone()
     junk[0, 3] = 100.0
     assert torch.isclose(weighted_hinge_loss(junk, truth, pad)[0], perfect)
+
+
+def _hinge_by_boolean_mask(refined, truth, pad, alpha, beta, video_weight):
+    """Eqs. 2-5 as first written: the valid frames selected with a boolean mask, plain means (the reference)."""
+    def term(a, b):
+        n = len(a)
+        m = (F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T - torch.eye(n, dtype=a.dtype)) ** 2
+        if n < 2:
+            return beta * m.diagonal().mean()
+        iu = torch.triu_indices(n, n, offset=1)
+        return alpha * (m[iu[0], iu[1]].mean() + m[iu[1], iu[0]].mean()) + beta * m.diagonal().mean()
+
+    valid = ~pad
+    r, g = F.normalize(refined, dim=-1), F.normalize(truth, dim=-1)
+    w = valid[..., None].to(r.dtype)
+    video = term((r * w).sum(1) / w.sum(1).clamp(min=1), (g * w).sum(1) / w.sum(1).clamp(min=1))
+    return term(r[valid], g[valid]) + video_weight * video
+
+
+def test_weighted_hinge_over_padded_frames_equals_the_boolean_mask_selection():
+    """Pads weighted 0 over all B x T positions give the loss (and gradients) of the valid frames selected
+    alone: random lengths, one batch with a single valid frame, and no padding at all."""
+    gen = torch.Generator().manual_seed(5)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        for lengths in ([5, 1, 3, 7], [1], [2, 2], [1, 1, 1], [7, 7, 7]):
+            b, t = len(lengths), 7
+            pad = torch.arange(t)[None, :] >= torch.tensor(lengths)[:, None]  # (B, T)
+            refined = torch.randn(b, t, 16, generator=gen, dtype=dtype).requires_grad_()
+            truth = torch.randn(b, t, 16, generator=gen, dtype=dtype)
+            with torch.no_grad():
+                refined[pad] = 50.0  # junk in the pads must not count
+            alpha, beta, vw = 10.0, 0.7, 0.3
+            loss, _ = weighted_hinge_loss(refined, truth, pad, alpha, beta, vw)
+            ref = _hinge_by_boolean_mask(refined, truth, pad, alpha, beta, vw)
+            assert torch.allclose(loss, ref, rtol=tol, atol=0), (lengths, float(loss), float(ref))
+            grad, = torch.autograd.grad(loss, refined)
+            grad_ref, = torch.autograd.grad(ref, refined)
+            assert torch.allclose(grad, grad_ref, rtol=tol, atol=tol) and not grad[pad].any()
+    no_pad, _ = weighted_hinge_loss(refined, truth, None, alpha, beta, vw)
+    assert torch.allclose(no_pad, _hinge_by_boolean_mask(refined, truth, torch.zeros(b, t, dtype=torch.bool), alpha, beta, vw))
+
+
+def test_weighted_hinge_does_not_wait_for_the_device():
+    """No op of the loss or its backward sizes a result from device data (boolean indexing, nonzero, item)."""
+    from test_loop import SyncRecorder
+
+    pad = torch.arange(6)[None, :] >= torch.tensor([6, 2, 4])[:, None]
+    refined = torch.randn(3, 6, 8, requires_grad=True)
+    rec = SyncRecorder()
+    with rec:
+        loss, _ = weighted_hinge_loss(refined, torch.randn(3, 6, 8), pad)
+        loss.backward()
+    assert rec.syncs == []

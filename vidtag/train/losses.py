@@ -46,16 +46,25 @@ def contrastive_loss(
     return loss
 
 
-def _weighted_hinge_term(refined: torch.Tensor, truth: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-    """alpha * (mean upper + mean lower) + beta * mean diag of (G' G^T - I)^2 (Eqs. 2-4)."""
+def _weighted_hinge_term(refined: torch.Tensor, truth: torch.Tensor, alpha: float, beta: float,
+                         weight: torch.Tensor | None = None) -> torch.Tensor:
+    """alpha * (mean upper + mean lower) + beta * mean diag of (G' G^T - I)^2 (Eqs. 2-4) over the rows of
+    weight 1 (``weight`` (n,) of 0 / 1, default all 1).
+
+    Rows and columns of weight 0 (padding) weigh 0 in every sum and each mean divides by its count kept
+    as a tensor, so the matrix keeps its padded size and nothing waits for the device: selecting the valid
+    rows with a boolean mask sizes its result on the host (a sync per step on a GPU). Equal to the mean
+    over the (N, N) matrix of the valid rows alone, up to the order of the float sums.
+    """
     n = len(refined)
+    w = torch.ones(n, dtype=refined.dtype, device=refined.device) if weight is None else weight.to(refined.dtype)
     m = (F.normalize(refined, dim=-1) @ F.normalize(truth, dim=-1).T - torch.eye(n, device=refined.device)) ** 2  # (n, n)
-    diag = m.diagonal().mean()
-    if n < 2:
-        return beta * diag
-    iu = torch.triu_indices(n, n, offset=1, device=m.device)
-    upper = m[iu[0], iu[1]].mean()
-    lower = m[iu[1], iu[0]].mean()
+    count = w.sum()  # N, the valid rows (a tensor)
+    pairs = (count * (count - 1) / 2).clamp(min=1)  # N (N - 1) / 2 off-diagonal pairs per triangle; N < 2: none
+    diag = (m.diagonal() * w).sum() / count.clamp(min=1)
+    ww = w[:, None] * w[None, :]  # (n, n): 1 where both row and column are valid
+    upper = (torch.triu(m, diagonal=1) * ww).sum() / pairs
+    lower = (torch.tril(m, diagonal=-1) * ww).sum() / pairs
     return alpha * (upper + lower) + beta * diag
 
 
@@ -78,7 +87,7 @@ def weighted_hinge_loss(
     valid = torch.ones(b, t, dtype=torch.bool, device=refined.device) if pad_mask is None else ~pad_mask
     r = F.normalize(refined, dim=-1)
     g = F.normalize(truth, dim=-1)
-    frame = _weighted_hinge_term(r[valid], g[valid], alpha, beta)
+    frame = _weighted_hinge_term(r.flatten(0, 1), g.flatten(0, 1), alpha, beta, valid.flatten())  # (B T, D), pads weigh 0
     w = valid[..., None].to(r.dtype)
     r_seq = (r * w).sum(1) / w.sum(1).clamp(min=1)  # (B, D)
     g_seq = (g * w).sum(1) / w.sum(1).clamp(min=1)

@@ -137,7 +137,7 @@ def train_phase2(
             flat_noisy[keep] = frozen_location(noisy.flatten(0, 1)[keep]).to(g_noisy.dtype)
         with loop.autocast(device, cfg.bf16):
             refined = trained(frame_emb, g_noisy, pad)  # (B, T, D)
-        # the loss in fp32; it selects the valid frames with a boolean mask (vidtag.train.losses): the step's host sync
+        # the loss in fp32; pads weigh 0 in it (vidtag.train.losses), so the step has no host sync
         refined, g_true = refined.float(), g_true.float()
         loss, parts = weighted_hinge_loss(refined, g_true, pad, cfg.alpha, cfg.beta, cfg.video_weight)
         return loss, parts, n
