@@ -253,7 +253,8 @@ class Model:
     # --- predicting ------------------------------------------------------------------------------------
 
     def predict(self, source, *, top_k: int = 0, decode: str | None = None, fps: float = 1.0, places: bool = True,
-                batch_size: int = 32, progress: bool = False) -> pl.DataFrame:
+                batch_size: int = 32, progress: bool = False, window_frames: int | None = None,
+                window_overlap: int | None = None) -> pl.DataFrame:
         """Every frame of ``source`` located: a video file (sampled at ``fps`` per second on its timeline), an
         image, a folder of frames (natural order), a folder of videos (one table, ``sequence_id`` first), or a
         sequence of PIL images (one sequence, in order; None = a missing frame).
@@ -261,12 +262,14 @@ class Model:
         ``top_k``: keep each frame's K best candidates (``candidates`` column). ``decode``: ``"argmax"``
         (Fig. 5, each frame on its own) or ``"viterbi"`` (the jointly best path over the candidates,
         vidtag.decode); default the model's ``cfg``. ``places``: add the nearest place of each prediction.
+        ``window_frames`` / ``window_overlap``: a video longer than ``window_frames`` frames runs through TempGeo
+        and the GeoRefiner window by window, in bounded memory (vidtag.windows; 0 = whole); default the model's ``cfg``.
         """
         from vidtag.predict import frames_from_images, open_frames
         from vidtag.progress import Progress
 
         _check_args(top_k, fps)
-        self._cfg(decode)
+        cfg = self._cfg(decode, window_frames, window_overlap)
         if isinstance(source, (str, os.PathLike)):
             kind = input_kind(source)
             self.backbones  # pixels are coming: missing weights fail now, before any video is opened
@@ -286,7 +289,7 @@ class Model:
         else:
             raise PredictError(f"cannot predict a {type(source).__name__}; give a path (video, image, folder) or a list of PIL images")
         with Progress(total=sum(f.count for f in all_frames), desc="frames", unit="frame", enabled=progress) as bar:
-            tables = [self._predict_frames(f, top_k=top_k, decode=decode, places=places, batch_size=batch_size, bar=bar)
+            tables = [self._predict_frames(f, cfg=cfg, top_k=top_k, places=places, batch_size=batch_size, bar=bar)
                       for f in all_frames]
         if kind != "videos":
             return tables[0]
@@ -294,11 +297,12 @@ class Model:
                           for t, f in zip(tables, all_frames)], how="vertical")
 
     def predict_features(self, clip, dino=None, valid=None, *, sequence_offsets=None, sequence_ids=None,
-                         timestamps_s=None, top_k: int = 0, decode: str | None = None, places: bool = True) -> pl.DataFrame:
+                         timestamps_s=None, top_k: int = 0, decode: str | None = None, places: bool = True,
+                         window_frames: int | None = None, window_overlap: int | None = None) -> pl.DataFrame:
         """Fig. 5 on features you already have, no backbone built: clip (N, Dc) and dino (N, Dd) of N frames as
         the bundle's backbones make them (GeoCLIP: CLIP ViT-L/14 projected features, no dino); sequences stored
         contiguously, ``sequence_offsets`` (S + 1,) (default: one sequence). Columns: ``sequence_id``, then those
-        of :meth:`predict` (without ``timestamp_s``)."""
+        of :meth:`predict` (without ``timestamp_s``). ``window_frames`` / ``window_overlap`` as in :meth:`predict`."""
         from vidtag.inference import predict_sequences
 
         _check_args(top_k, 1.0)
@@ -312,29 +316,33 @@ class Model:
         offsets = np.array([0, len(clip)]) if sequence_offsets is None else np.asarray(sequence_offsets)
         out = predict_sequences(self.bundle, clip, np.asarray(dino, dtype=np.float32), valid, offsets, self.gallery,
                                 sequence_ids=sequence_ids, timestamps_s=timestamps_s, gallery_emb=self.gallery_embeddings(),
-                                cache_dir=self.cache_dir, cfg=self._cfg(decode), device=self.device, top_k=top_k)
+                                cache_dir=self.cache_dir, cfg=self._cfg(decode, window_frames, window_overlap),
+                                device=self.device, top_k=top_k)
         return _finish(out, places)
 
     def predict_many(self, inputs: Sequence[str | os.PathLike], outputs: Sequence[str | os.PathLike], *, top_k: int = 0,
                      decode: str | None = None, fps: float = 1.0, places: bool = True, batch_size: int = 32,
                      overwrite: bool = False, progress: bool = True, start_time: datetime | str | None = None,
-                     on_event: Callable[[str, Path, str], Any] | None = None) -> BatchResult:
+                     on_event: Callable[[str, Path, str], Any] | None = None, window_frames: int | None = None,
+                     window_overlap: int | None = None) -> BatchResult:
         """Predict each input into its output file (format by extension), resumably: an output that exists is
         finished (every write is atomic, so a half-written one never exists) and is skipped unless
         ``overwrite``. Backbones are built once; one progress bar counts the frames of all pending inputs.
-        An input that cannot be read is reported (``on_event("failed", input, reason)``) and the rest go on."""
+        An input that cannot be read is reported (``on_event("failed", input, reason)``) and the rest go on.
+        ``window_frames`` / ``window_overlap`` as in :meth:`predict`."""
         from vidtag.errors import VidtagError
         from vidtag.predict import open_frames
         from vidtag.progress import Progress
 
         _check_args(top_k, fps)
+        cfg = self._cfg(decode, window_frames, window_overlap)  # bad settings stop the run before any input
         if len(inputs) != len(outputs):
             raise PredictError(f"{len(inputs)} inputs but {len(outputs)} outputs")
         result = BatchResult()
         note = on_event or (lambda *a: None)
         outputs = [Path(o) for o in outputs]
         if any(overwrite or not o.exists() for o in outputs):  # the model's own problems (weights, gallery,
-            self._cfg(decode), self.backbones, self.gallery_embeddings()  # settings) stop the run before any input
+            self.backbones, self.gallery_embeddings()  # settings) stop the run before any input
         pending = []
         for inp, out in zip(map(Path, inputs), map(Path, outputs)):
             if out.exists() and not overwrite:
@@ -349,7 +357,7 @@ class Model:
         with Progress(total=sum(f.count for f, _ in pending), desc="frames", unit="frame", enabled=progress) as bar:
             for frames, out in pending:
                 try:
-                    df = self._predict_frames(frames, top_k=top_k, decode=decode, places=places, batch_size=batch_size, bar=bar)
+                    df = self._predict_frames(frames, cfg=cfg, top_k=top_k, places=places, batch_size=batch_size, bar=bar)
                 except VidtagError as e:  # this input's problem (unreadable video): report it, go on
                     result.failed.append((Path(frames.source), str(e)))
                     note("failed", Path(frames.source), str(e))
@@ -359,13 +367,15 @@ class Model:
                 note("written", Path(frames.source), str(out))
         return result
 
-    def _cfg(self, decode: str | None):
-        return self.cfg if decode is None else dataclasses.replace(self.cfg, decode=decode)
+    def _cfg(self, decode: str | None, window_frames: int | None = None, window_overlap: int | None = None):
+        """The model's cfg with the call's overrides (None = the model's), checked before any frame is decoded."""
+        over = {k: v for k, v in (("decode", decode), ("window_frames", window_frames), ("window_overlap", window_overlap))
+                if v is not None}
+        return dataclasses.replace(self.cfg, **over) if over else self.cfg
 
-    def _predict_frames(self, frames, *, top_k: int, decode: str | None, places: bool, batch_size: int, bar) -> pl.DataFrame:
+    def _predict_frames(self, frames, *, cfg, top_k: int, places: bool, batch_size: int, bar) -> pl.DataFrame:
         from vidtag.predict import predict_frames
 
-        cfg = self._cfg(decode)  # checked before any frame is decoded
         out = predict_frames(frames, self.bundle, self.backbones, device=self.device, batch_size=batch_size,
                              cache_dir=self.cache_dir, cfg=cfg, gallery=self.gallery, gallery_emb=self.gallery_embeddings(),
                              top_k=top_k, bar=bar)

@@ -465,6 +465,10 @@ def predict(
     refine: bool = typer.Option(False, help="Refine each frame's best candidates on a fine local lattice around them "
                                            "(precision finer than the gallery; see --refine-step-km)."),
     refine_step_km: float = typer.Option(0.05, "--refine-step-km", min=0.001, help="Spacing of the refinement lattice."),
+    window_frames: int = typer.Option(512, "--window-frames", min=0, help="Frames per window of the temporal models: a longer "
+                                                                         "video runs window by window, in bounded memory "
+                                                                         "(0 = whole videos; memory grows with frames^2)."),
+    window_overlap: int = typer.Option(128, "--window-overlap", min=0, help="Frames shared by consecutive windows."),
     places: bool = typer.Option(True, help="Name each prediction's nearest place (city, admin region, country code), offline."),
     start_time: _Opt[str] = typer.Option(None, "--start-time", help="GPX: clock time of the first frame, ISO 8601 "
                                                                    "(e.g. 2024-05-01T12:00:00Z) [default: 1970-01-01T00:00:00Z = elapsed time]."),
@@ -490,7 +494,7 @@ def predict(
     from vidtag.inference import InferenceConfig
 
     cfg = InferenceConfig(max_speed_kmh=max_speed_kmh, step_km=step_km, refine=refine, refine_step_km=refine_step_km,
-                          top_k=max(top_k, InferenceConfig.top_k))
+                          top_k=max(top_k, InferenceConfig.top_k), window_frames=window_frames, window_overlap=window_overlap)
     t0 = time.perf_counter()
     kind = input_kind(input)  # refuses a missing input or an ambiguous folder before anything loads
     if kind == "videos":

@@ -28,13 +28,14 @@ import polars as pl
 import torch
 
 from vidtag.decode import DECODE_METHODS, DecodeError, step_scale_km
-from vidtag.errors import EvaluationError
+from vidtag.errors import EvaluationError, InferenceError
 from vidtag.gallery import read_gallery
 from vidtag.geo import haversine_km, unit_vectors
 from vidtag.inference import InferenceConfig, Located, frame_table, gallery_latlon, locate_sequences, offsets_from_sequence_ids
 from vidtag.io import atomic_path, write_json_atomic, write_parquet_atomic
 from vidtag.metrics import LABEL_LEVELS, evaluate, per_sequence
 from vidtag.viz import accuracy_by_threshold, error_cdf, trajectory_map_png
+from vidtag.windows import DEFAULT_WINDOW_FRAMES, DEFAULT_WINDOW_OVERLAP, check_window
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,17 @@ class EvalConfig:
     refine_step_km: float = 0.05  # the lattice's spacing (tens of metres)
     refine_radius_km: float | None = None  # half-width searched around a candidate; None = half the gallery spacing
     refine_k: int = 8  # candidates refined per frame
+    # Long videos (vidtag.windows): TempGeo and the GeoRefiner run on overlapping windows; 0 = whole sequences.
+    window_frames: int = DEFAULT_WINDOW_FRAMES  # 512 > MSLS's longest sequence (494): MSLS and toy results unchanged
+    window_overlap: int = DEFAULT_WINDOW_OVERLAP  # frames shared by consecutive windows
 
     def __post_init__(self):
         if self.decode not in DECODE_METHODS:
             raise EvaluationError(f"eval.decode must be one of {DECODE_METHODS}; found {self.decode!r}")
+        try:
+            check_window(self.window_frames, self.window_overlap)
+        except InferenceError as e:
+            raise EvaluationError(f"eval.{e}") from None
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,8 @@ def inference_config(cfg: EvalConfig, runtime: EvalRuntime, step_km: float | Non
     return InferenceConfig(k=cfg.k, confidence_radius_km=cfg.confidence_radius_km, batch_frames=runtime.batch_frames,
                            backend=runtime.backend, decode=cfg.decode, top_k=cfg.top_k, max_speed_kmh=cfg.max_speed_kmh,
                            step_km=step_km, transition_weight=cfg.transition_weight, refine=cfg.refine,
-                           refine_step_km=cfg.refine_step_km, refine_radius_km=cfg.refine_radius_km, refine_k=cfg.refine_k)
+                           refine_step_km=cfg.refine_step_km, refine_radius_km=cfg.refine_radius_km, refine_k=cfg.refine_k,
+                           window_frames=cfg.window_frames, window_overlap=cfg.window_overlap)
 
 
 def train_step_km(manifest: pl.DataFrame) -> float | None:

@@ -40,6 +40,13 @@ Beyond the paper (App. L), on request, after each of the two retrievals:
   lattice's step), with a dead zone of one scale (``vidtag.decode``). The GeoRefiner still reads the Phase I top-1 (Fig. 5), so the Phase I and final
   lattices are decoded independently and the argmax and Viterbi answers come from one pass.
   The confidence is measured around the answer that is reported (decoded or not).
+
+Any video length in bounded memory (``vidtag.windows``): TempGeo and the GeoRefiner attend over whole
+sequences, so a sequence longer than ``window_frames`` runs through both window by window (overlapping,
+each frame's output from its most central window), while retrieval, the candidates, refinement and Viterbi
+still see the whole sequence (their memory is linear in its length). The GeoRefiner's queries are the
+Phase I top-1 of the stitched whole-sequence frame embeddings. Sequences of at most ``window_frames``
+frames (every MSLS sequence at the default) run whole, exactly as without windows.
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ from vidtag.geo import haversine_km_torch
 from vidtag.progress import progress as progress_bar
 from vidtag.refine import LocalRefiner, RefineConfig, gallery_spacing_km
 from vidtag.retrieval import GalleryIndex, embed_locations_tensor, gallery_embeddings, latlon_fingerprint, module_fingerprint
+from vidtag.windows import DEFAULT_WINDOW_FRAMES, DEFAULT_WINDOW_OVERLAP, WindowPlan, check_window, plan_windows
 
 OUTPUT_COLUMNS = ("sequence_id", "frame_index", "lat", "lon", "phase1_lat", "phase1_lon", "confidence", "valid")
 
@@ -85,12 +93,16 @@ class InferenceConfig:
     refine_step_km: float = 0.05  # the lattice's spacing
     refine_radius_km: float | None = None  # half-width searched around a candidate; None = half the gallery spacing
     refine_k: int = 8  # candidates refined per frame
+    # Long videos (vidtag.windows): TempGeo and the GeoRefiner run on windows of this many frames; 0 = whole sequences.
+    window_frames: int = DEFAULT_WINDOW_FRAMES  # 512 > MSLS's longest sequence (494): short videos run whole, as before
+    window_overlap: int = DEFAULT_WINDOW_OVERLAP  # frames shared by consecutive windows (context at the seams)
 
     def __post_init__(self):
         if self.decode not in DECODE_METHODS:
             raise InferenceError(f"decode must be one of {DECODE_METHODS}; found {self.decode!r}")
         if int(self.top_k) < 1:
             raise InferenceError(f"top_k must be >= 1; found {self.top_k}")
+        check_window(self.window_frames, self.window_overlap)
 
     def decode_config(self) -> DecodeConfig:
         return DecodeConfig(step_km=self.step_km, max_speed_kmh=self.max_speed_kmh, transition_weight=self.transition_weight)
@@ -217,9 +229,12 @@ class Locator:
     def locate(self, source, table: SequenceTable, *, k: int = 1, batch_frames: int = 8192,
                confidence_radius_km: float | None = None, progress: bool = False, top_k: int = 0,
                decode: DecodeConfig | None = None, refine: RefineConfig | None = None,
-               timestamp_s: np.ndarray | None = None, confidence_decoded: bool = True) -> Located:
+               timestamp_s: np.ndarray | None = None, confidence_decoded: bool = True,
+               window_frames: int = DEFAULT_WINDOW_FRAMES, window_overlap: int = DEFAULT_WINDOW_OVERLAP) -> Located:
         """Fig. 5 for every frame of ``table``, whole sequences at a time, features gathered from ``source``
         (vidtag.features.source). ``k`` Phase I candidates feed the confidence (needs ``confidence_radius_km``).
+        TempGeo and the GeoRefiner see sequences longer than ``window_frames`` window by window
+        (vidtag.windows; 0 = whole sequences, attention memory ~ T^2); everything else sees whole sequences.
 
         ``top_k`` > 0 keeps each frame's best ``top_k`` candidates of both retrievals (``Located.candidates``);
         ``refine`` refines them (vidtag.refine), ``decode`` runs Viterbi over them (vidtag.decode) with
@@ -227,6 +242,7 @@ class Locator:
         measured around the decoded final answer, or around the best candidate with ``confidence_decoded=False``.
         """
         n_gallery = len(self.gallery_latlon)
+        check_window(window_frames, window_overlap)
         if (decode is not None or refine is not None) and top_k < 1:
             raise InferenceError("decoding and refinement work on candidates: give top_k >= 1")
         top_k = max(0, min(int(top_k), n_gallery))
@@ -244,9 +260,10 @@ class Locator:
         with _eval_mode(self.frame_encoder, self.refiner):
             for _, rows, pad in progress_bar(chunks, total=len(chunks), desc="inference", unit="batch", enabled=progress):
                 rows, pad = rows.to(self.device), pad.to(self.device)
-                clip, dino, _ = source.gather(rows)  # (B, T, Dc), (B, T, Dd)
-                frame_emb = self.frame_encoder(clip, dino, pad)  # (B, T, D) unit
                 keep = ~pad
+                plan = plan_windows(keep.sum(dim=1), window_frames, window_overlap) \
+                    if window_frames and rows.shape[1] > window_frames else None  # None: every sequence fits one window
+                frame_emb = self._frame_embeddings(source, rows, pad, plan, batch_frames)  # (B, T, D) unit
                 q1 = frame_emb[keep].float()  # (M, D)
                 s1, i1 = self.index.search(q1, k=k_search)  # (M, k_search) Phase I candidates, best first
                 rows_out.append(rows[keep])
@@ -260,7 +277,10 @@ class Locator:
                 if self.refiner is not None:
                     gps_emb = torch.zeros_like(frame_emb)
                     gps_emb[keep] = self.gallery_emb[i1[:, 0]].to(gps_emb.dtype)  # (M, D) -> (B, T, D)
-                    refined = self.refiner(frame_emb, gps_emb, pad)  # (B, T, D) unit
+                    if plan is None:
+                        refined = self.refiner(frame_emb, gps_emb, pad)  # (B, T, D) unit
+                    else:  # the same queries (whole-sequence Phase I top-1), window by window
+                        refined = plan.apply(self.refiner, frame_emb, gps_emb, batch_frames=batch_frames)  # (B, T, D)
                     q2 = F.normalize(refined[keep].float(), dim=-1)  # (M, D)
                     s2, i2 = self.index.search(q2, k=max(1, top_k))  # (M, K) GPS -> GPS candidates
                     p2_out.append(i2[:, 0])
@@ -290,6 +310,19 @@ class Locator:
         return Located(cat(rows_out), cat(p1_out), cat(p2_out) if self.refiner is not None else None,
                        cat(conf_out).astype(np.float64) if conf_out else None, candidates,
                        local.n_embedded if local is not None else 0)
+
+    def _frame_embeddings(self, source, rows: torch.Tensor, pad: torch.Tensor, plan: WindowPlan | None,
+                          batch_frames: int) -> torch.Tensor:
+        """(B, T, D) unit frame embeddings of a chunk: one forward over its whole sequences, or window by window."""
+        if plan is None:
+            clip, dino, _ = source.gather(rows)  # (B, T, Dc), (B, T, Dd)
+            return self.frame_encoder(clip, dino, pad)
+
+        def encode(win_rows: torch.Tensor, win_pad: torch.Tensor) -> torch.Tensor:
+            clip, dino, _ = source.gather(win_rows.masked_fill(win_pad, -1))  # (n, W, Dc), (n, W, Dd)
+            return self.frame_encoder(clip, dino, win_pad)  # (n, W, D)
+
+        return plan.apply(encode, rows, batch_frames=batch_frames)
 
     def _step_scales(self, rows: torch.Tensor, timestamp_s: np.ndarray | None, decode: DecodeConfig) -> torch.Tensor:
         """Transition scale (B, T) km of each step between consecutive readable frames (vidtag.decode)."""
@@ -459,7 +492,8 @@ def locate_sequences(
     lattice_k = max(cfg.top_k if (decoding or cfg.refine) else 0, int(top_k))
     found = locator.locate(source, table, k=cfg.k, batch_frames=cfg.batch_frames, confidence_radius_km=cfg.confidence_radius_km,
                            progress=progress, top_k=lattice_k, decode=cfg.decode_config() if decoding else None,
-                           refine=cfg.refine_config(), timestamp_s=ts, confidence_decoded=cfg.decode == "viterbi")
+                           refine=cfg.refine_config(), timestamp_s=ts, confidence_decoded=cfg.decode == "viterbi",
+                           window_frames=cfg.window_frames, window_overlap=cfg.window_overlap)
     return found, locator.gallery_latlon
 
 
