@@ -2,7 +2,8 @@
 plots, and the model packed with the gallery it was evaluated on (the bundle `vidtag predict` uses).
 
 Training never reads the gallery (it validates against the validation frames' own GPS, App. D.2), so a new
-gallery (Table 5's resolutions, a worldwide grid) re-runs `gallery` and this stage only."""
+gallery (Table 5's resolutions, a worldwide grid) re-runs `gallery` and this stage only. A model without a GeoRefiner
+(``phase1.kind`` GeoCLIP, App. F) is evaluated as Fig. 5's first stage alone: its final answer is Phase I's."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from vidtag.device import resolve_device
 from vidtag.evaluation import EvalConfig, EvalRuntime, run_evaluation, summary, write_reports
 from vidtag.features.store import load_features
 from vidtag.models.bundle import load_bundle, save_bundle
+from vidtag.models.geoclip_head import clip_features_only
 
 
 def main() -> None:
@@ -39,6 +41,8 @@ def main() -> None:
     manifest = read_manifest(args.manifest).df
     features = load_features(args.features, expect_fingerprint=manifest_fingerprint(manifest))
     bundle = load_bundle(args.model, resolve_device(runtime.device))
+    if bundle.frame_encoder.cfg.dino_dim == 0:  # a GeoCLIP kind (phase1.kind) reads CLIP only, as `vidtag predict` feeds it
+        features = clip_features_only(features)
     result = run_evaluation(bundle, features, manifest, cfg, runtime=runtime, cache_dir=args.cache_dir, progress=True,
                             gallery_path=args.gallery)
     save_bundle(args.bundle, dataclasses.replace(bundle, gallery_path=Path(args.gallery)))

@@ -2,7 +2,8 @@
 
 Params keys (``phase1:``): every field of vidtag.train.phase1.Phase1Config, plus ``model:`` with ``frame:`` /
 ``location:`` sub-sections (vidtag.models.config.FrameEncoderConfig / LocationEncoderConfig fields) and
-``logit_scale_init``. ``runtime:`` (vidtag.train.loop.RuntimeConfig: device, memory mode, validation
+``logit_scale_init``. ``kind`` picks the model: ``vidtag`` (the paper's), ``geoclip_finetune`` (App. F.4) or
+``geoclip_zero_shot`` (App. F.1, written without training; needs real CLIP ViT-L/14 features). ``runtime:`` (vidtag.train.loop.RuntimeConfig: device, memory mode, validation
 frequency) is read but not declared, so changing it re-runs nothing. Feature dims come from the store,
 never from params. Re-running with an existing ``--out`` resumes from its checkpoint (same config and
 data), e.g. after an interruption.

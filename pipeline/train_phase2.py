@@ -3,6 +3,10 @@
 Params keys (``phase2:``): every field of vidtag.train.phase2.Phase2Config, plus ``refiner:`` with
 vidtag.models.config.GeoRefinerConfig fields; ``runtime:`` as for `train_phase1` (read, not declared). Checkpoints go to ``--checkpoints`` (default: ``<out>.ckpt``
 beside the bundle) and a re-run resumes from them.
+
+A Phase I model of a kind Phase II does not refine (``phase1.kind``: GeoCLIP fine-tuned or zero-shot, App. F) is
+passed on as the final model, a bundle of kind ``geoclip`` with no GeoRefiner (Fig. 5 then stops after Phase I);
+the ``phase2`` params are not used, and the checkpoint and DVCLive folders hold only a note saying so.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from vidtag.features.store import load_features
 from vidtag.gallery import split_points
 from vidtag.models.config import GeoRefinerConfig, build_config
 from vidtag.train.loop import RuntimeConfig
+from vidtag.train.phase1 import has_phase2
 from vidtag.train.phase2 import Phase2Config, train_phase2
 
 
@@ -40,6 +45,10 @@ def main() -> None:
     ckpt = Path(args.checkpoints) if args.checkpoints else out.with_name(out.name + ".ckpt")
     m = read_manifest(args.manifest)
     features = load_features(args.features, expect_fingerprint=manifest_fingerprint(m.df), lazy=True)
+    kind = phase1_kind(args.phase1)
+    if not has_phase2(kind):
+        pass_on_phase1(args.phase1, kind, dict(features.attrs), out, ckpt, args.live)
+        return
     gallery = split_points(m.df, "val") if (m.df["split"] == "val").any() else None  # App. D.2, as in train_phase1
     metrics = run_resumable(
         lambda live: train_phase2(features, m.df, None, gallery, args.phase1, out,
@@ -47,6 +56,44 @@ def main() -> None:
                                   code=code_fingerprint("pipeline.train_phase2")),
         ckpt, args.live)
     print("phase2 done: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+
+def phase1_kind(phase1_dir: str | Path) -> str:
+    """The ``phase1.kind`` the Phase I output was made with (its checkpoint's run config; absent = vidtag)."""
+    from vidtag.train.checkpoint import read_state
+    from vidtag.train.phase1 import CHECKPOINT_DIR
+
+    state = read_state(Path(phase1_dir) / CHECKPOINT_DIR) or {}
+    return ((state.get("config") or {}).get("train") or {}).get("kind", "vidtag")
+
+
+def pass_on_phase1(phase1_dir: str, kind: str, feature_attrs: dict, out: Path, ckpt: Path, live_dir: str | None) -> None:
+    """Write Phase I's model of ``kind`` (no Phase II) as the final bundle; leave a note where Phase II's outputs go
+    (DVC expects them): a finished, delivered empty checkpoint (a later Phase II run discards it and trains afresh)
+    and a DVCLive folder with one JSON file."""
+    import torch
+
+    from vidtag.io import write_json_atomic
+    from vidtag.models.bundle import save_bundle
+    from vidtag.models.geoclip_model import assemble_geoclip_bundle
+    from vidtag.train.checkpoint import save_checkpoint
+    from vidtag.train.phase1 import load_phase1
+
+    model, p1_config = load_phase1(phase1_dir, "cpu")
+    frame = model.frame_encoder
+    with torch.no_grad():  # the head's own copy of the temperature follows the trained one
+        frame.head.logit_scale.copy_(model.logit_scale.detach().reshape(()))
+    method = {"geoclip_finetune": "GeoCLIP fine-tuned on this dataset's frames as independent images (App. F.4)",
+              "geoclip_zero_shot": "GeoCLIP as shipped, zero-shot (App. F.1)"}.get(kind, kind)
+    bundle = assemble_geoclip_bundle(frame, model.location_encoder, model.logit_scale, feature_attrs,
+                                     {"phase1": p1_config["train"], "phase2": None}, method)
+    save_bundle(out, bundle)
+    note = {"phase2": None, "reason": f"phase1.kind {kind} has no GeoRefiner: Phase I's model is the final one"}
+    save_checkpoint(ckpt, {}, None, {"config": {"kind": kind}, "step": 0, "epoch": 0, "metrics": {}, "complete": True,
+                                     "delivered": True, **note})
+    if live_dir:
+        write_json_atomic(Path(live_dir) / "phase2.json", note)
+    print(f"phase2: skipped: {note['reason']}; wrote {out} (kind geoclip, no refiner)")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ class LocationEncoderConfig:
     out_dim: int = 512  # GeoCLIP / Sec. 3.3: shared 512-d embedding space
 
 
+FRAME_BACKBONES = ("clip", "dino")  # the dual frame encoder's two feature sources (Sec. 3.1), in concatenation order
+
+
 @dataclass(frozen=True)
 class FrameEncoderConfig:
     """Dual-backbone fusion + TempGeo + MLP (Sec. 3.1-3.2, Appendix B.2)."""
@@ -33,10 +36,27 @@ class FrameEncoderConfig:
     mlp_dims: tuple[int, ...] = (1024, 768)  # Appendix B.2: 1792 -> 1024 -> 768 -> 512, Mish between
     out_dim: int = 512  # = location encoder out_dim
     mlp_first: bool = False  # DEDD-SEQ README order (MLP, then TempGeo at out_dim); paper order is False
+    # Sec. 3.1: both backbones' features, concatenated. ("clip",) or ("dino",) is Table 4's one-backbone ablation:
+    # the other backbone's features are still read (the store and `predict` extract both) but never used.
+    backbones: tuple[str, ...] = ("clip", "dino")
+
+    def __post_init__(self):
+        chosen = tuple(self.backbones)
+        if not chosen or len(set(chosen)) != len(chosen) or not set(chosen) <= set(FRAME_BACKBONES):
+            raise ConfigError(f"FrameEncoderConfig: backbones {list(chosen)}; expected a non-empty subset of "
+                              f"{list(FRAME_BACKBONES)} without repeats (e.g. [clip, dino], or [dino] for Table 4's DINOv2 rows)")
+        # one order whatever the params say: [dino, clip] is the same model as [clip, dino] (clip first, Sec. 3.1)
+        object.__setattr__(self, "backbones", tuple(b for b in FRAME_BACKBONES if b in chosen))
+
+    @property
+    def backbone_dims(self) -> dict[str, int]:
+        """Feature width of each backbone the encoder reads, in concatenation order."""
+        dims = {"clip": self.clip_dim, "dino": self.dino_dim}
+        return {b: dims[b] for b in self.backbones}
 
     @property
     def in_dim(self) -> int:
-        return self.clip_dim + self.dino_dim
+        return sum(self.backbone_dims.values())
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""Frame encoder (Sec. 3.1-3.2, Appendix B.2): L2-norm each backbone, concat, TempGeo, MLP -> unit 512-d."""
+"""Frame encoder (Sec. 3.1-3.2, Appendix B.2): L2-norm each backbone, concat, TempGeo, MLP -> unit 512-d.
+
+Table 4's ablations are configs of this one module: ``tempgeo_layers=0`` drops TempGeo (every frame alone) and
+``backbones=("dino",)`` / ``("clip",)`` reads one backbone's features."""
 
 from __future__ import annotations
 
@@ -72,16 +75,18 @@ class FrameEncoder(nn.Module):
         self.tempgeo = TempGeo(cfg.out_dim if cfg.mlp_first else cfg.in_dim, cfg) if cfg.tempgeo_layers > 0 else None
 
     def fuse(self, clip: torch.Tensor, dino: torch.Tensor) -> torch.Tensor:
-        """Sec. 3.1: each backbone L2-normalised, then concatenated (B, T, Dc + Dd)."""
+        """Sec. 3.1: each backbone L2-normalised, then concatenated (B, T, Dc + Dd).
+
+        Only the backbones in ``cfg.backbones`` are used (Table 4's one-backbone rows: (B, T, Dd) or (B, T, Dc));
+        both inputs are still checked against the dims the model was trained with."""
         if clip.shape[-1] != self.cfg.clip_dim or dino.shape[-1] != self.cfg.dino_dim:
             raise ValueError(
                 f"feature dims ({clip.shape[-1]}, {dino.shape[-1]}) do not match the model's "
                 f"(clip_dim={self.cfg.clip_dim}, dino_dim={self.cfg.dino_dim}); were the features extracted "
                 "with the backbones this model was trained on?"
             )
-        clip = F.normalize(clip.float(), dim=-1)
-        dino = F.normalize(dino.float(), dim=-1)
-        return torch.cat([clip, dino], dim=-1)
+        features = {"clip": clip, "dino": dino}
+        return torch.cat([F.normalize(features[b].float(), dim=-1) for b in self.cfg.backbones], dim=-1)
 
     def forward(self, clip: torch.Tensor, dino: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         z = self.fuse(clip, dino)  # (B, T, Dc + Dd)

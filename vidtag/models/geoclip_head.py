@@ -17,16 +17,19 @@ downloaded and nothing but tensors is unpickled (``torch.load(..., weights_only=
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidtag.errors import BackboneError, InferenceError
+from vidtag.errors import BackboneError, BundleError, InferenceError
 
 CLIP_DIM = 768  # CLIP ViT-L/14 projection width, GeoCLIP's image-encoder input
 EMBED_DIM = 512  # GeoCLIP's shared image/location embedding width
@@ -117,6 +120,80 @@ class GeoCLIPHead(nn.Module):
                 raise BackboneError(f"{scale_path}: expected GeoCLIP's scalar logit_scale, got {type(scale).__name__}")
             head.logit_scale.copy_(scale.reshape(()).float())
         return head.eval()
+
+
+# GeoCLIP's image side as a vidtag frame encoder: the zero-shot model (App. F.1), and the fine-tuned baseline
+# (App. F.4) that Phase I trains when ``phase1.kind`` is ``geoclip_finetune``. It lives beside the head, not in
+# geoclip_model (which assembles bundles), so Phase I can train it without importing the bundle or the GeoRefiner.
+
+
+@dataclass(frozen=True)
+class GeoCLIPFrameConfig:
+    """GeoCLIP's image side as a vidtag frame encoder; the defaults are GeoCLIP's shipped shapes."""
+
+    clip_dim: int = 768  # CLIP ViT-L/14 projected image embedding, GeoCLIP's MLP input
+    dino_dim: int = 0  # GeoCLIP reads CLIP only: no DINOv2 features are extracted (0-d)
+    hidden_dim: int = 768  # GeoCLIP's image MLP: 768 -> 768 (ReLU) -> 512
+    out_dim: int = 512  # the shared image/location embedding width
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GeoCLIPFrameConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise BundleError(f"geoclip frame config: unknown key(s) {unknown}; expected some of {sorted(names)}")
+        return cls(**d)
+
+
+class GeoCLIPFrameEncoder(nn.Module):
+    """clip (B, T, Dc), dino (B, T, 0) ignored, pad_mask ignored -> (B, T, 512) unit: every frame on its own,
+    as GeoCLIP embeds single images. Same call as :class:`~vidtag.models.frame_encoder.FrameEncoder`."""
+
+    def __init__(self, cfg: GeoCLIPFrameConfig = GeoCLIPFrameConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.head = GeoCLIPHead(cfg.clip_dim, cfg.hidden_dim, cfg.out_dim)
+
+    def forward(self, clip: torch.Tensor, dino: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(clip)  # (B, T, Dc) -> (B, T, 512), unit norm; padded rows are dropped by the caller
+
+    @classmethod
+    def from_geoclip(cls) -> GeoCLIPFrameEncoder:
+        """With the image MLP and logit scale the ``geoclip`` package ships."""
+        enc = cls()
+        enc.head = GeoCLIPHead.from_geoclip()
+        return enc.eval()
+
+
+def zero_shot_unavailable(clip_dim: int | None = None, backbones: dict[str, Any] | None = None) -> str | None:
+    """Why GeoCLIP's shipped head cannot be applied zero-shot to these features (None: it can).
+
+    The head was trained on OpenAI's CLIP ViT-L/14 projected features: any other width cannot enter it, and
+    features of the same width from other weights (the ``real-arch`` preset's random ViT-L/14) would enter it
+    but mean nothing to it. ``clip_dim``: the features' width; ``backbones``: a ``BackboneConfig`` as a flat dict
+    (``preset``, ``clip_arch``), where known. The one rule behind both the ``train_phase1`` refusal and the
+    experiment table's "needs real CLIP ViT-L/14 features" row.
+    """
+    if clip_dim is not None and int(clip_dim) != CLIP_DIM:
+        return (f"GeoCLIP zero-shot needs real CLIP ViT-L/14 features ({CLIP_DIM}-d, what its shipped head reads); "
+                f"these are {int(clip_dim)}-d")
+    if backbones:
+        preset, arch = backbones.get("preset"), backbones.get("clip_arch")
+        if preset not in (None, "real") or arch not in (None, "ViT-L-14"):
+            return (f"GeoCLIP zero-shot needs real CLIP ViT-L/14 features; these come from backbone preset {preset!r}, "
+                    f"CLIP {arch!r} (set backbone.preset: real)")
+    return None
+
+
+def clip_features_only(features):
+    """``features`` (``.clip``, ``.dino``, ``.valid``, ``.attrs``) with the DINOv2 part emptied to (N, 0): what a
+    GeoCLIP-kind model (``dino_dim`` 0) reads, as `vidtag predict` gives it from a CLIP-only backbone."""
+    empty = np.zeros((int(features.clip.shape[0]), 0), dtype=np.float16)  # (N, 0)
+    if dataclasses.is_dataclass(features) and not isinstance(features, type):
+        return dataclasses.replace(features, dino=empty)
+    from types import SimpleNamespace
+
+    return SimpleNamespace(clip=features.clip, dino=empty, valid=features.valid, attrs=getattr(features, "attrs", {}))
 
 
 def _load_tensors(path: Path):

@@ -18,7 +18,7 @@ folder named by the shipped files' sha256, so ``vidtag predict --model geoclip``
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from vidtag.errors import BundleError
-from vidtag.models.geoclip_head import (
+from vidtag.models.geoclip_head import (  # noqa: F401  (GeoCLIPFrameConfig / GeoCLIPFrameEncoder: re-exported)
     LOGIT_SCALE_WEIGHTS,
     MLP_WEIGHTS,
-    GeoCLIPHead,
+    GeoCLIPFrameConfig,
+    GeoCLIPFrameEncoder,
     geoclip_gallery_path,
     geoclip_weights_dir,
 )
@@ -38,44 +39,6 @@ KIND = "geoclip"
 BUILTIN_NAME = "geoclip"  # `--model geoclip` / load_model("geoclip")
 LOCATION_WEIGHTS = "location_encoder_weights.pth"
 CLIP_ARCH, CLIP_PRETRAINED = "ViT-L-14", "openai"  # GeoCLIP's image tower: OpenAI's CLIP ViT-L/14
-
-
-@dataclass(frozen=True)
-class GeoCLIPFrameConfig:
-    """GeoCLIP's image side as a vidtag frame encoder; the defaults are GeoCLIP's shipped shapes."""
-
-    clip_dim: int = 768  # CLIP ViT-L/14 projected image embedding, GeoCLIP's MLP input
-    dino_dim: int = 0  # GeoCLIP reads CLIP only: no DINOv2 features are extracted (0-d)
-    hidden_dim: int = 768  # GeoCLIP's image MLP: 768 -> 768 (ReLU) -> 512
-    out_dim: int = 512  # the shared image/location embedding width
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GeoCLIPFrameConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise BundleError(f"geoclip frame config: unknown key(s) {unknown}; expected some of {sorted(names)}")
-        return cls(**d)
-
-
-class GeoCLIPFrameEncoder(nn.Module):
-    """clip (B, T, Dc), dino (B, T, 0) ignored, pad_mask ignored -> (B, T, 512) unit: every frame on its own,
-    as GeoCLIP embeds single images. Same call as :class:`~vidtag.models.frame_encoder.FrameEncoder`."""
-
-    def __init__(self, cfg: GeoCLIPFrameConfig = GeoCLIPFrameConfig()):
-        super().__init__()
-        self.cfg = cfg
-        self.head = GeoCLIPHead(cfg.clip_dim, cfg.hidden_dim, cfg.out_dim)
-
-    def forward(self, clip: torch.Tensor, dino: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(clip)  # (B, T, Dc) -> (B, T, 512), unit norm; padded rows are dropped by the caller
-
-    @classmethod
-    def from_geoclip(cls) -> GeoCLIPFrameEncoder:
-        """With the image MLP and logit scale the ``geoclip`` package ships."""
-        enc = cls()
-        enc.head = GeoCLIPHead.from_geoclip()
-        return enc.eval()
 
 
 def model_config(frame: GeoCLIPFrameConfig, location) -> dict[str, Any]:
@@ -128,6 +91,35 @@ def geoclip_bundle(gallery_path: str | Path, *, backbones=None, frame_encoder: G
     }
     logit_scale = frame.head.logit_scale.detach().clone()
     return Bundle(frame.cpu().eval(), location.cpu().eval(), None, logit_scale, config, Path(gallery_path))
+
+
+def assemble_geoclip_bundle(frame_encoder: GeoCLIPFrameEncoder, location_encoder, logit_scale: torch.Tensor,
+                            feature_attrs: dict[str, Any], training: dict[str, Any], method: str,
+                            gallery_path: str | Path | None = None):
+    """The bundle of a pipeline run of a GeoCLIP kind (``phase1.kind``: fine-tuned, App. F.4, or zero-shot, App.
+    F.1): Phase I's modules and logit scale, no GeoRefiner, and the feature store's backbone record with its
+    DINOv2 part dropped (the model reads CLIP only, so `vidtag predict` builds the CLIP tower alone)."""
+    from vidtag.models.bundle import Bundle
+
+    backbones = dict(feature_attrs.get("backbones") or {})
+    if backbones:
+        backbones["dino"] = None
+    preprocessing = feature_attrs.get("preprocessing")
+    if isinstance(preprocessing, dict):
+        preprocessing = {**preprocessing, "dino": None}
+    config = {
+        "kind": KIND,
+        "model": model_config(frame_encoder.cfg, location_encoder),
+        "backbones": backbones or None,
+        "preprocessing": preprocessing,
+        "feature_dims": {"clip": frame_encoder.cfg.clip_dim, "dino": 0},
+        "manifest_fingerprint": feature_attrs.get("manifest_fingerprint"),
+        "training": training,
+        "source": {"package": "geoclip", "version": _geoclip_version(), "method": method},
+    }
+    modules = [m.cpu().eval() for m in (frame_encoder, location_encoder)]
+    return Bundle(*modules, None, logit_scale.detach().cpu().reshape(()), config,
+                  None if gallery_path is None else Path(gallery_path))
 
 
 def write_geoclip_gallery(path: str | Path) -> Path:

@@ -1,8 +1,20 @@
-"""Phase I (Sec. 3.5, Appendix A): frame encoder + location encoder trained contrastively from cached features."""
+"""Phase I (Sec. 3.5, Appendix A): frame encoder + location encoder trained contrastively from cached features.
+
+``Phase1Config.kind`` picks the model Phase I makes, so the paper's baselines are runs of the same pipeline:
+
+* ``vidtag``: the paper's frame encoder (TempGeo + MLP over CLIP and DINOv2 features, Sec. 3.1-3.2); Phase II
+  adds the GeoRefiner. Table 4's ablations are its configs (``tempgeo_layers: 0``, ``backbones: [dino]``).
+* ``geoclip_finetune``: GeoCLIP fine-tuned (App. F.4, Table 4's first row): GeoCLIP's image head on each frame's
+  CLIP features, frames as independent images (no TempGeo, no DINOv2), trained with the same loss, batches,
+  schedule and location encoder as VidTAG's Phase I; no Phase II.
+* ``geoclip_zero_shot``: GeoCLIP as shipped (App. F.1): its image head, location encoder (at its own sigmas)
+  and logit scale, written as Phase I's output without a training step; no Phase II. Needs real CLIP
+  ViT-L/14 features (768-d).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +30,16 @@ from vidtag.features.source import feature_source
 from vidtag.geo import haversine_km
 from vidtag.inference import Locator
 from vidtag.metrics import accuracy_at
-from vidtag.models.config import FrameEncoderConfig, VidTAGConfig
+from vidtag.models.config import FrameEncoderConfig, LocationEncoderConfig, VidTAGConfig, build_config
 from vidtag.models.frame_encoder import FrameEncoder
-from vidtag.models.location_encoder import LocationEncoder
+from vidtag.models.geoclip_head import (
+    CLIP_DIM,
+    GeoCLIPFrameConfig,
+    GeoCLIPFrameEncoder,
+    GeoCLIPHead,
+    zero_shot_unavailable,
+)
+from vidtag.models.location_encoder import GEOCLIP_SIGMAS, LocationEncoder
 from vidtag.seeding import seeded
 from vidtag.train import loop
 from vidtag.train.batches import sample_frames
@@ -28,6 +47,9 @@ from vidtag.train.checkpoint import load_checkpoint, restore
 from vidtag.train.losses import contrastive_loss, positive_targets
 
 CHECKPOINT_DIR = "checkpoint"
+KINDS = ("vidtag", "geoclip_finetune", "geoclip_zero_shot")  # Phase1Config.kind, see the module docstring
+REFINED_KINDS = ("vidtag",)  # kinds Phase II refines; the others are final after Phase I (`train_phase2` passes them on)
+GEOCLIP_KINDS = ("geoclip_finetune", "geoclip_zero_shot")  # kinds whose frame encoder is GeoCLIP's image head
 
 
 @dataclass(frozen=True)
@@ -49,6 +71,11 @@ class Phase1Config:
     # matmul rate of fp32 on bf16 tensor cores; it changes results slightly, so it is a training choice, off for
     # CPU runs that must reproduce (loop.autocast)
     seed: int = 0
+    kind: str = "vidtag"  # KINDS: the model Phase I makes (the paper's, or a GeoCLIP baseline, App. F); see the module docstring
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ConfigError(f"phase1.kind {self.kind!r}; expected one of {list(KINDS)}")
 
 
 class Phase1Model(nn.Module):
@@ -67,6 +94,51 @@ def build_phase1_model(cfg: VidTAGConfig, location_init: str = "random", seed: i
         frame = FrameEncoder(cfg.frame)
         location = LocationEncoder.fresh(cfg.location, location_init, seed)
     return Phase1Model(frame, location, cfg.logit_scale_init)
+
+
+def has_phase2(kind: str) -> bool:
+    """Whether Phase II trains a GeoRefiner on top of a Phase I model of ``kind`` (only the paper's model)."""
+    return kind in REFINED_KINDS
+
+
+def geoclip_model_config(frame: GeoCLIPFrameConfig, location: LocationEncoderConfig) -> dict[str, Any]:
+    """The run config's (and bundle's) ``model`` of a GeoCLIP kind: frame head and location encoder shapes."""
+    return {"frame": asdict(frame), "location": asdict(location)}
+
+
+def build_geoclip_phase1_model(kind: str, clip_dim: int, location_cfg: LocationEncoderConfig, location_init: str = "random",
+                               seed: int = 0, logit_scale_init: float = VidTAGConfig.logit_scale_init) -> tuple[Phase1Model, str]:
+    """A Phase I model of a GeoCLIP kind and a line saying where its weights came from.
+
+    ``geoclip_zero_shot``: GeoCLIP as shipped: its head and logit scale, its location encoder at the sigmas its
+    weights were trained with (``location_cfg`` is not used). ``geoclip_finetune`` (App. F.4): where the CLIP
+    features are GeoCLIP's 768-d, its shipped head and logit scale; otherwise (the demo's tiny backbones) a
+    freshly initialised head of the same architecture (``clip_dim`` -> 768 -> out, ReLU) and ``logit_scale_init``.
+    The location encoder starts as VidTAG's Phase I does (``location_cfg``, ``location_init``), so Table 4 compares
+    frame encoders under one location encoder.
+    """
+    if kind == "geoclip_zero_shot":
+        frame = GeoCLIPFrameEncoder.from_geoclip()
+        location = LocationEncoder.from_geoclip(sigmas=GEOCLIP_SIGMAS)
+        model = Phase1Model(frame, location, 0.0)
+        with torch.no_grad():
+            model.logit_scale.copy_(frame.head.logit_scale)
+        return model, "GeoCLIP as shipped (image head, location encoder at sigmas 2^0, 2^4, 2^8, logit scale)"
+    if kind != "geoclip_finetune":
+        raise ConfigError(f"not a GeoCLIP kind: {kind!r}; expected one of {list(GEOCLIP_KINDS)}")
+    frame_cfg = GeoCLIPFrameConfig(clip_dim=int(clip_dim), out_dim=location_cfg.out_dim)
+    with seeded(seed):
+        location = LocationEncoder.fresh(location_cfg, location_init, seed)
+        frame = GeoCLIPFrameEncoder(frame_cfg)
+    shipped = int(clip_dim) == CLIP_DIM and location_cfg.out_dim == frame_cfg.out_dim == GeoCLIPFrameConfig.out_dim
+    if shipped:
+        frame.head = GeoCLIPHead.from_geoclip().train()
+        logit_scale_init = float(frame.head.logit_scale)
+        why = "GeoCLIP's shipped image head and logit scale"
+    else:
+        why = (f"a freshly initialised GeoCLIP image head ({clip_dim} -> {frame_cfg.hidden_dim} -> {frame_cfg.out_dim}): the "
+               f"CLIP features are {clip_dim}-d, not the {CLIP_DIM}-d its shipped weights read")
+    return Phase1Model(frame, location, logit_scale_init), f"{why}; location encoder from {location_init!r}"
 
 
 def tied_positions(table_rows: int, seq_len: int, default_rows: int, key: str, seq_key: str) -> int:
@@ -126,22 +198,37 @@ def train_phase1(
     out_dir = Path(out_dir)
     device = resolve_device(runtime.device)
     model_cfg = model_cfg or VidTAGConfig()
-    rows = tied_positions(model_cfg.frame.max_positions, cfg.seq_len, FrameEncoderConfig.max_positions,
-                          "phase1.model.frame.max_positions", "phase1.seq_len")
-    frame_cfg = {**asdict(model_cfg.frame), "clip_dim": int(features.clip.shape[1]), "dino_dim": int(features.dino.shape[1]),
-                 "max_positions": rows}
-    model_cfg = VidTAGConfig.from_dict({**model_cfg.to_dict(), "frame": frame_cfg})
+    clip_dim = int(features.clip.shape[1])
+    if cfg.kind == "vidtag":
+        rows = tied_positions(model_cfg.frame.max_positions, cfg.seq_len, FrameEncoderConfig.max_positions,
+                              "phase1.model.frame.max_positions", "phase1.seq_len")
+        frame_cfg = {**asdict(model_cfg.frame), "clip_dim": clip_dim, "dino_dim": int(features.dino.shape[1]), "max_positions": rows}
+        model_cfg = VidTAGConfig.from_dict({**model_cfg.to_dict(), "frame": frame_cfg})
+        model = build_phase1_model(model_cfg, cfg.location_init, cfg.seed)
+        model_dict = model_cfg.to_dict()
+    else:
+        if cfg.kind == "geoclip_zero_shot":
+            why_not = zero_shot_unavailable(clip_dim, _backbone_config(features))
+            if why_not:
+                raise ConfigError(f"phase1.kind geoclip_zero_shot: {why_not}; phase1.kind geoclip_finetune trains GeoCLIP's "
+                                  "head on any CLIP features")
+            cfg = replace(cfg, epochs=0)  # App. F.1: no training step; the loop saves the model as it is
+        model, source = build_geoclip_phase1_model(cfg.kind, clip_dim, model_cfg.location, cfg.location_init, cfg.seed,
+                                                   model_cfg.logit_scale_init)
+        print(f"phase1: kind {cfg.kind}: {source}; phase1.model.frame is not used (GeoCLIP reads CLIP features frame by "
+              "frame: no TempGeo, no DINOv2)")
+        model_dict = geoclip_model_config(model.frame_encoder.cfg, model.location_encoder.cfg)
 
     data, why = feature_source(features, manifest, device, runtime.features_in_memory, runtime.feature_memory_gb)
     print(f"phase1: features: {why}")
     train = build_sequences(manifest, features.valid, "train").to(device)
     val = build_sequences(manifest, features.valid, "val").to(device)
-    if len(train) < 2:
+    if len(train) < 2 and cfg.epochs > 0:
         raise TrainingError(f"Phase I needs at least 2 training sequences with valid frames; found {train}")
     gallery = np.asarray(gallery_latlon, dtype=np.float64)
     print(f"phase1: val {val}, gallery {len(gallery)} points")
 
-    model = build_phase1_model(model_cfg, cfg.location_init, cfg.seed).to(device)
+    model = model.to(device)
     model.location_encoder.requires_grad_(cfg.train_location_encoder)
     for capsule in model.location_encoder.capsules():  # the Fourier matrices stay fixed whatever the flag says
         capsule.capsule[0].b.requires_grad_(False)
@@ -168,10 +255,17 @@ def train_phase1(
         validate=(lambda: validate_phase1(model, data, val, gallery, runtime, device)) if len(val) else None,
         extra_metrics=lambda: {"logit_scale": float(model.logit_scale.detach().exp())},
     )
-    run_config = {"model": model_cfg.to_dict(), "train": asdict(cfg), "data": _data_key(features, train)}
+    run_config = {"model": model_dict, "train": asdict(cfg), "data": _data_key(features, train)}
     if code is not None:  # a fingerprint of the training code: an unfinished checkpoint of older code is not resumed
         run_config["code"] = code
     return loop.run(phase, train, loop.schedule_of(cfg), runtime, out_dir / CHECKPOINT_DIR, run_config, device, live)
+
+
+def _backbone_config(features) -> dict[str, Any] | None:
+    """The feature store's backbone config (preset, clip_arch, ...) where its attrs record one."""
+    record = (dict(getattr(features, "attrs", {}) or {}).get("backbones") or {})
+    config = record.get("config") if isinstance(record, dict) else None
+    return config if isinstance(config, dict) else None
 
 
 def _data_key(features, train: SequenceTable) -> dict[str, Any]:
@@ -186,7 +280,17 @@ def load_phase1(directory: str | Path, device: str | torch.device = "cpu") -> tu
         raise TrainingError(f"no Phase I checkpoint in {directory}; run `dvc repro train_phase1` first")
     if not ckpt.state.get("complete"):
         raise TrainingError(f"the Phase I checkpoint in {directory} is from epoch {ckpt.state['epoch']} of an unfinished run; finish Phase I first")
-    cfg = VidTAGConfig.from_dict(ckpt.state["config"]["model"])
-    model = build_phase1_model(cfg)  # random init, replaced by the checkpoint's weights
+    kind = (ckpt.state["config"].get("train") or {}).get("kind", "vidtag")
+    if kind in GEOCLIP_KINDS:
+        model = _geoclip_phase1_shell(ckpt.state["config"]["model"])
+    else:
+        model = build_phase1_model(VidTAGConfig.from_dict(ckpt.state["config"]["model"]))  # random init, replaced below
     restore(ckpt, {"phase1": model})
     return model.to(device).eval(), ckpt.state["config"]
+
+
+def _geoclip_phase1_shell(model: dict[str, Any]) -> Phase1Model:
+    """A GeoCLIP-kind Phase I model of the run config's shapes, to load a checkpoint's weights into."""
+    frame = GeoCLIPFrameEncoder(GeoCLIPFrameConfig.from_dict(dict(model.get("frame") or {})))
+    location = LocationEncoder(cfg=build_config(LocationEncoderConfig, model.get("location")))
+    return Phase1Model(frame, location, 0.0)
