@@ -384,6 +384,58 @@ def test_a_bad_bundle_is_refused_in_one_line_by_predict(tmp_path, bundle_dir, ca
         load_bundle(bad)
 
 
+def _safetensors_full_disk(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+
+def _raise_os(code, text):
+    def fail(*args, **kwargs):
+        raise OSError(code, text)
+    return fail
+
+
+BUNDLE_WRITE_FAILURES = {  # (what fails, how) -> the reason the one line gives
+    "weights, ENOSPC": ("save_file", _raise_os(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    "weights, safetensors' own I/O error": ("save_file", _safetensors_full_disk, "No space left on device"),
+    "gallery copy, EACCES": ("shutil.copyfile", _raise_os(errno.EACCES, "Permission denied"), "Permission denied"),
+}
+
+
+@pytest.mark.parametrize("case", list(BUNDLE_WRITE_FAILURES))
+def test_a_failed_bundle_write_is_one_line_through_a_stage_and_keeps_the_old_bundle(tmp_path, bundle_dir, monkeypatch, case):
+    import vidtag.models.bundle as bundle_mod
+    from pipeline.common import run_stage
+
+    target = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    bundle = bundle_mod.load_bundle(target)
+    what, fail, reason = BUNDLE_WRITE_FAILURES[case]
+    monkeypatch.setattr(bundle_mod.shutil if what == "shutil.copyfile" else bundle_mod, what.split(".")[-1], fail)
+    monkeypatch.delenv("VIDTAG_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:  # what `evaluate` (and `train_phase2`) end with: `error: ...`, non-zero
+        run_stage(lambda: bundle_mod.save_bundle(target, replace(bundle, gallery_path=bundle_dir / "gallery.parquet")))
+    message = str(exit_info.value.code)
+    assert message == f"error: cannot write model bundle {target}: {reason}; the previous bundle there is kept"
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # the old bundle, byte for byte
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temporary directory left beside it
+    assert bundle_mod.load_bundle(target).kind == "vidtag"
+
+
+def test_a_full_disk_while_caching_the_builtin_model_is_one_line_from_predict(tmp_path, monkeypatch):
+    import vidtag.models.bundle as bundle_mod
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.jpg")
+    monkeypatch.setattr(bundle_mod, "save_file", _raise_os(errno.ENOSPC, "No space left on device"))
+    out = tmp_path / "pred.csv"
+    r = cli("predict", tmp_path / "x.jpg", "--model", "geoclip", "--out", out, "--cache-dir", tmp_path / "cache", "--no-progress")
+    text = assert_one_line_failure(r, out=out, match="No space left on device; nothing was written there")
+    assert "cannot write model bundle " + str(tmp_path / "cache" / "models" / "geoclip-") in text
+    assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == []  # no partial bundle to be trusted later
+
+
 # --- caches: verified, not trusted ------------------------------------------------------------------------
 
 def _tampered_caches(npy: Path, emb: np.ndarray):

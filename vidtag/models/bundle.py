@@ -12,6 +12,7 @@ store, feature dims, gallery file name + sha256, model sha256) and ``gallery.par
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,27 +125,46 @@ def bundle_state_dict(bundle: Bundle) -> dict[str, torch.Tensor]:
 
 
 def save_bundle(directory: str | Path, bundle: Bundle) -> Path:
-    """Write the bundle directory atomically; returns its path. Fingerprints are computed here."""
+    """Write the bundle directory atomically; returns its path. Fingerprints are computed here.
+
+    The files are written into a temporary directory beside ``directory`` that replaces it only once
+    complete (vidtag.io.atomic_path), so a write that fails (a full disk, no permission) leaves any previous
+    bundle as it was and raises one BundleError line naming the path and the reason.
+    """
+    from safetensors import SafetensorError
+
     directory = Path(directory)
     gallery_src = None if bundle.gallery_path is None else Path(bundle.gallery_path)
     if gallery_src is not None and not gallery_src.exists():
         raise BundleError(f"gallery {gallery_src} does not exist; build it first (stage `gallery`)")
-    with atomic_path(directory) as tmp:
-        tmp.mkdir()
-        save_file(bundle_state_dict(bundle), tmp / WEIGHTS_FILE, metadata={"format": "vidtag-bundle"})
-        if gallery_src is not None:
-            shutil.copyfile(gallery_src, tmp / GALLERY_FILE)
-        config = dict(bundle.config)
-        config.update(
-            format_version=BUNDLE_FORMAT,
-            model=normalise_model_config(bundle_kind(config, "bundle config"), config["model"]),  # validates and normalises
-            weights_file=WEIGHTS_FILE,
-            model_sha256=sha256_file(tmp / WEIGHTS_FILE),
-            gallery=None if gallery_src is None else
-            {"file": GALLERY_FILE, "source": str(gallery_src), "sha256": sha256_file(tmp / GALLERY_FILE)},
-        )
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    try:
+        with atomic_path(directory) as tmp:
+            tmp.mkdir()
+            save_file(bundle_state_dict(bundle), tmp / WEIGHTS_FILE, metadata={"format": "vidtag-bundle"})
+            if gallery_src is not None:
+                shutil.copyfile(gallery_src, tmp / GALLERY_FILE)
+            config = dict(bundle.config)
+            config.update(
+                format_version=BUNDLE_FORMAT,
+                model=normalise_model_config(bundle_kind(config, "bundle config"), config["model"]),  # validates and normalises
+                weights_file=WEIGHTS_FILE,
+                model_sha256=sha256_file(tmp / WEIGHTS_FILE),
+                gallery=None if gallery_src is None else
+                {"file": GALLERY_FILE, "source": str(gallery_src), "sha256": sha256_file(tmp / GALLERY_FILE)},
+            )
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    except (OSError, SafetensorError) as e:  # safetensors reports its own I/O errors as SafetensorError
+        kept = "the previous bundle there is kept" if (directory / CONFIG_FILE).exists() else "nothing was written there"
+        raise BundleError(f"cannot write model bundle {directory}: {_write_reason(e)}; {kept}") from None
     return directory
+
+
+def _write_reason(e: Exception) -> str:
+    """The one-line reason of a failed write: the OS's message (e.g. "No space left on device"), else the error's first line."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    found = re.search(r'message: "([^"]+)"', str(e))  # safetensors: ...IoError(Os { code: 28, ..., message: "..." })
+    return found.group(1) if found else (str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 def _check_inside(directory: Path) -> None:
