@@ -387,7 +387,7 @@ def test_a_bad_bundle_is_refused_in_one_line_by_predict(tmp_path, bundle_dir, ca
 def _safetensors_full_disk(*args, **kwargs):
     from safetensors import SafetensorError
 
-    raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+    raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28) at path "/x/.tmpeECw0h"')
 
 
 def _raise_os(code, text):

@@ -163,7 +163,7 @@ def _write_reason(e: Exception) -> str:
     """The one-line reason of a failed write: the OS's message (e.g. "No space left on device"), else the error's first line."""
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
-    found = re.search(r'message: "([^"]+)"', str(e))  # safetensors: ...IoError(Os { code: 28, ..., message: "..." })
+    found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(e))  # safetensors: "... I/O error: <reason> (os error 28) at path ..."
     return found.group(1) if found else (str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
