@@ -7,7 +7,10 @@ the same run with the same threads (``benchmarks/limits.py``; bf16 backends by t
 >= 0.5 for every backend. Limits are measured before and after the searches and the higher is used.
 
 * ``faiss``: ``IndexFlatIP`` (exact), FAISS's threads = torch's.
-* ``torch``: fp32 tiles of up to 4,096 queries x 16,384-65,536 rows, running top-k merge.
+* ``torch``: fp32 tiles with a running top-k merge. On a CPU at k = 1: tiles of 2^21 scores (512 x 4,096 or
+  4,096 x 512, cache-resident), the product through numpy's BLAS (OpenBLAS) into torch's score buffer with
+  the project's threads, the selection by numpy's ``argmax`` (see ``vidtag.retrieval``); k > 1 and GPUs: up
+  to 4,096 queries x 16,384-65,536 rows.
 * ``torch-bf16`` (where the CPU has native bf16, and on CUDA): bf16 scores, short list re-scored in fp32,
   certified by an error bound, uncertified queries searched again in fp32 (counted: ``fallback``).
 

@@ -235,6 +235,39 @@ def test_faiss_is_told_not_to_spin_and_the_user_choice_wins(tmp_path):
     assert out.stdout.strip() == "ACTIVE"
 
 
+def test_cpu_top1_tiles_fit_the_cache_and_blas_runs_with_the_project_threads(monkeypatch):
+    """An fp32 k = 1 search on a CPU writes tiles of 2^21 scores (8 MB, still cached when argmax reads them);
+    k > 1 keeps wide tiles. numpy's BLAS, which computes the CPU tiles, runs with torch's thread count
+    during the search, whatever it had before, and gets its own count back afterwards."""
+    from threadpoolctl import threadpool_info
+
+    import vidtag.retrieval as retrieval
+
+    rng = np.random.default_rng(9)
+    g = unit(rng.normal(size=(9000, 8))).astype(np.float32)
+    q = unit(rng.normal(size=(600, 8))).astype(np.float32)
+    idx = GalleryIndex.build(g, "torch")
+    assert idx._tiles(512, k=1) == (512, 4096) and idx._tiles(8192, k=1) == (4096, 512)
+    assert idx._tiles(512, k=5) == (512, 9000)
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    outside = blas_threads()
+    assert outside
+    seen, real = [], retrieval._product
+    monkeypatch.setattr(retrieval, "_product", lambda *a: seen.append(blas_threads()) or real(*a))
+    before, want = torch.get_num_threads(), max(outside) + 1
+    torch.set_num_threads(want)
+    try:
+        _, index = idx.search(q, 1)
+    finally:
+        torch.set_num_threads(before)
+    assert seen and all(n == want for counts in seen for n in counts)
+    assert blas_threads() == outside
+    np.testing.assert_array_equal(index, brute_force(q, g, 1)[1])
+
+
 def test_shard_devices_are_checked():
     g = np.ones((4, 3), np.float32)
     with pytest.raises(RetrievalError, match="shard_devices is for backend='torch'"):

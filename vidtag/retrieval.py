@@ -8,9 +8,16 @@ gallery is 2 GB: copy it to the device once, not per call).
 
 Search is a matrix product followed by a selection: every score costs 2 D FLOP (1,024 at D = 512) and
 is read once by the selection, so it is compute-bound on a CPU and near the ridge on a GPU. The torch
-backend therefore works on large tiles (1,024 queries x 65,536 gallery rows, a 256 MB score buffer
-reused across tiles), selects each tile's top-k where the tile is written and merges candidates as it
-goes; ties are settled at the end, and only for the rare rows where a tile's boundary tie can matter.
+backend works on tiles of many queries and gallery rows written into one reused score buffer, selects
+each tile's top-k where the tile is written and merges candidates as it goes; ties are settled at the
+end, and only for the rare rows where a tile's boundary tie can matter. A tile is up to 2^26 scores
+(256 MB); on a CPU a k = 1 search uses tiles of 2^21 (8 MB: 4,096 queries x 512 rows, or 512 x 4,096), so
+the scores are still in the last-level cache when the selection reads them (k > 1 keeps wide tiles: torch's
+CPU ``topk`` pays per row, and the running merge per tile). The CPU tile's fp32 product
+runs through numpy's BLAS (OpenBLAS in numpy's wheels; the library FAISS uses too) into that buffer,
+with the project's thread count: torch's own CPU GEMM (MKL) reached 0.55-0.75 of OpenBLAS's rate on an
+AMD EPYC (Zen 4) at these shapes. The selection for k = 1 is numpy's ``argmax`` (vectorised, first
+maximum = lowest index), ~10x faster than torch's CPU ``max(dim=1)`` with indices. GPU tiles stay torch.
 
 Half precision (fp16 or bf16 scores, fp32 accumulation; the default on CUDA) keeps a short list per
 query, re-scores it in fp32 and checks, with a per-query bound on the rounding error, that the list
@@ -49,11 +56,13 @@ _HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 FAISS_GPU_MAX_K = 2048
 
 # torch backend tiles: up to 4,096 queries x up to 65,536 gallery rows, at most 2^26 scores (256 MB of
-# float32) at once; 512 queries meet 65,536 rows, 8,192 queries go 4,096 x 16,384 at a time. Many rows
-# on both sides keep the product near the machine's matmul rate.
+# float32) at once (512 queries meet 65,536 rows, 8,192 go 4,096 x 16,384 at a time); 2^21 for an fp32
+# k = 1 search on a CPU (8 MB, cache-resident between product and selection: 512 x 4,096, or 4,096 x 512).
+# Many rows on both sides keep the product near the machine's matmul rate.
 DEFAULT_QUERY_CHUNK = 4096
 DEFAULT_GALLERY_CHUNK = 1 << 16
 DEFAULT_SCORE_BUDGET = 1 << 26
+DEFAULT_CPU_TOP1_SCORE_BUDGET = 1 << 21
 DEFAULT_RESCORE = 32  # half precision: short-list length beyond k, re-scored in fp32
 
 _FP32_UNIT_ROUNDOFF = 2.0**-24
@@ -118,14 +127,18 @@ def _topk_lowest_index_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor,
 def _tile_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k of one (q, g) score tile -> values (q, k'), columns (q, k'), boundary tie value (q,).
 
-    k = 1 is ``max``, which returns the first (lowest) column among equal maxima: exact. Otherwise
-    ``topk(k + 1)``: where the (k+1)-th value equals the k-th, which of the tied columns were kept is
-    arbitrary, and the tie value is returned (else -inf) so the caller can redo the row if that value
-    turns out to be the final k-th score.
+    k = 1 is the first (lowest) column among equal maxima: exact. On a CPU numpy's ``argmax`` finds it
+    (vectorised; torch's CPU ``max(dim=1)`` with indices runs at ~1 G scores/s, a tenth of it), elsewhere
+    torch's ``max``. Otherwise ``topk(k + 1)``: where the (k+1)-th value equals the k-th, which of the
+    tied columns were kept is arbitrary, and the tie value is returned (else -inf) so the caller can redo
+    the row if that value turns out to be the final k-th score.
     """
     g = scores.shape[1]
     none = torch.full((scores.shape[0],), float("-inf"), dtype=scores.dtype, device=scores.device)
     if k == 1:
+        if scores.device.type == "cpu" and scores.dtype == torch.float32:
+            i = torch.from_numpy(scores.numpy().argmax(axis=1)[:, None])  # (q, 1) int64, the first maximum
+            return scores.gather(1, i), i, none
         v, i = scores.max(dim=1, keepdim=True)
         return v, i, none
     if g <= k:
@@ -134,6 +147,34 @@ def _tile_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor,
     v, i = torch.topk(scores, k + 1, dim=1)  # (q, k + 1), sorted descending
     tie = torch.where(v[:, k] == v[:, k - 1], v[:, k - 1], none)
     return v[:, :k], i[:, :k], tie
+
+
+_BLAS = None  # threadpoolctl's controller of the BLAS libraries loaded with numpy, made once
+
+
+@contextmanager
+def _cpu_blas_threads(cpu: bool):
+    """numpy's BLAS (the CPU tiles' product) runs with torch's thread count, the project's
+    (``vidtag.threads``), not the count OpenBLAS chose when numpy was loaded; restored afterwards."""
+    global _BLAS
+    if not cpu:
+        yield
+        return
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController().select(user_api="blas")
+    with _BLAS.limit(limits=torch.get_num_threads()):
+        yield
+
+
+def _product(q: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """fp32 scores q (r, D) @ g (c, D)^T into ``out`` (r, c). On a CPU through numpy's BLAS, writing into the
+    same memory (see the module docstring: the faster GEMM on the CPU this was measured on), else torch."""
+    if out.device.type == "cpu" and out.dtype == torch.float32:
+        np.matmul(q.numpy(), g.numpy().T, out=out.numpy())
+        return out
+    return torch.mm(q, g.T, out=out)
 
 
 @contextmanager
@@ -219,7 +260,7 @@ class GalleryIndex:
     _shards: list[_Shard] = field(default_factory=list)  # torch backend
     precision: str = "fp32"
     gallery_chunk: int = DEFAULT_GALLERY_CHUNK
-    score_budget: int = DEFAULT_SCORE_BUDGET
+    score_budget: int | None = None  # scores per tile; None: DEFAULT_SCORE_BUDGET, DEFAULT_CPU_TOP1_SCORE_BUDGET for fp32 k = 1 on a CPU
     rescore: int = DEFAULT_RESCORE
     query_chunk: int = DEFAULT_QUERY_CHUNK
     n_fallback: int = 0  # half precision: queries the error bound could not certify, searched again in fp32
@@ -236,7 +277,7 @@ class GalleryIndex:
         ivf_nlist: int = 0,
         ivf_nprobe: int = 16,
         gallery_chunk: int = DEFAULT_GALLERY_CHUNK,
-        score_budget: int = DEFAULT_SCORE_BUDGET,
+        score_budget: int | None = None,
         rescore: int = DEFAULT_RESCORE,
         query_chunk: int = DEFAULT_QUERY_CHUNK,
         shard_devices: Sequence[str | torch.device] | Literal["all"] | None = None,
@@ -248,14 +289,14 @@ class GalleryIndex:
         gallery row, keeps k + ``rescore`` candidates per query and returns fp32's exact answer (see the
         module docstring). ``shard_devices`` (torch backend): split the gallery over these devices ("all":
         every CUDA device); results go to ``device``. ``query_chunk`` queries and ``gallery_chunk`` gallery rows
-        per tile, at most ``score_budget`` scores, set the tiling. ivf_nlist > 0 (FAISS only) builds an approximate IndexIVFFlat
+        per tile, at most ``score_budget`` scores (None: 2^26, or 2^21 for fp32 k = 1 on a CPU), set the tiling. ivf_nlist > 0 (FAISS only) builds an approximate IndexIVFFlat
         with that many lists, for galleries too big for exact search; 0 (default) is exact IndexFlatIP.
         """
         if backend not in BACKENDS:
             raise RetrievalError(f"backend must be one of {BACKENDS}; found {backend!r}")
         if precision not in PRECISIONS:
             raise RetrievalError(f"precision must be one of {', '.join(PRECISIONS)}; found {precision!r}")
-        if min(gallery_chunk, score_budget, query_chunk) < 1 or rescore < 0:
+        if min(gallery_chunk, score_budget or 1, query_chunk) < 1 or rescore < 0:
             raise RetrievalError("gallery_chunk, score_budget and query_chunk must be >= 1, rescore >= 0")
         dev = torch.device(device) if device is not None else (
             gallery.device if isinstance(gallery, torch.Tensor) else torch.device("cpu")
@@ -380,12 +421,18 @@ class GalleryIndex:
         return rows.to(index.device).reshape(*index.shape, self.dim)
 
     # -- torch backend ---------------------------------------------------------------------------
-    def _tiles(self, n_queries: int) -> tuple[int, int]:
-        """(query rows, gallery rows) per tile: as many queries as ``query_chunk`` allows (the product runs
-        fastest with many rows on both sides), then gallery rows to fill ``score_budget``."""
+    def _tiles(self, n_queries: int, device: torch.device | None = None, k: int = 2) -> tuple[int, int]:
+        """(query rows, gallery rows) per tile of a top-``k`` search on ``device`` (default: the first
+        shard's): as many queries as ``query_chunk`` allows (the product runs fastest with many rows on
+        both sides), then gallery rows to fill the score budget."""
+        device = device or self._shards[0].device
+        budget = self.score_budget
+        if budget is None:
+            top1_cpu = device.type == "cpu" and k == 1 and self.precision == "fp32"
+            budget = DEFAULT_CPU_TOP1_SCORE_BUDGET if top1_cpu else DEFAULT_SCORE_BUDGET
         q_tile = max(1, min(n_queries, self.query_chunk))
         largest = max(len(s) for s in self._shards)
-        return q_tile, max(1, min(self.gallery_chunk, largest, self.score_budget // q_tile))
+        return q_tile, max(1, min(self.gallery_chunk, largest, budget // q_tile))
 
     def _scores(self, device: torch.device, dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
         """A (rows, cols) view of a flat buffer kept per (device, dtype): a 256 MB tile is not allocated
@@ -404,11 +451,12 @@ class GalleryIndex:
             q = torch.from_numpy(_as_float32_2d(queries, "queries")).to(self.device)
         if q.shape[1] != self.dim:
             raise RetrievalError(f"queries have dim {q.shape[1]} but the gallery has dim {self.dim}")
-        q_tile, _ = self._tiles(q.shape[0])
+        q_tile, _ = self._tiles(q.shape[0], k=k)
         out_s = torch.empty(q.shape[0], k, dtype=torch.float32, device=self.device)
         out_i = torch.empty(q.shape[0], k, dtype=torch.int64, device=self.device)
         cuda = any(s.device.type == "cuda" for s in self._shards)
-        with torch.no_grad(), _exact_matmul(cuda):
+        cpu = any(s.device.type == "cpu" for s in self._shards)
+        with torch.no_grad(), _exact_matmul(cuda), _cpu_blas_threads(cpu):
             for q0 in range(0, q.shape[0], q_tile):
                 s, i = self._top_k(q[q0 : q0 + q_tile], k)
                 out_s[q0 : q0 + q_tile], out_i[q0 : q0 + q_tile] = s, i
@@ -449,13 +497,13 @@ class GalleryIndex:
     def _shard_fp32(self, sh: _Shard, q: torch.Tensor, k: int):
         """fp32 top-k of one shard, tile by tile with a running merge; ``redo`` marks rows where a tile
         kept an arbitrary one of several columns tied at the final k-th score."""
-        _, g_tile = self._tiles(q.shape[0])
         kk = min(k, len(sh))
+        _, g_tile = self._tiles(q.shape[0], sh.device, kk)
         best_s = best_i = None
         tie = torch.full((q.shape[0],), float("-inf"), device=sh.device)
         for g0 in range(0, len(sh), g_tile):
             g = sh.g32[g0 : g0 + g_tile]  # (g, D)
-            s = torch.mm(q, g.T, out=self._scores(sh.device, torch.float32, q.shape[0], g.shape[0]))  # (q, g)
+            s = _product(q, g, self._scores(sh.device, torch.float32, q.shape[0], g.shape[0]))  # (q, g)
             v, i, t = _tile_top(s, kk)
             i = i + (sh.offset + g0)
             tie = torch.maximum(tie, t)
@@ -472,11 +520,12 @@ class GalleryIndex:
 
     def _shard_exact_rows(self, sh: _Shard, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 top-k of one shard for a few rows, every tile by a stable sort: exact whatever the ties."""
-        _, g_tile = self._tiles(q.shape[0])
+        _, g_tile = self._tiles(q.shape[0], sh.device)
         kk = min(k, len(sh))
         best_s = best_i = None
         for g0 in range(0, len(sh), g_tile):
-            s = q @ sh.g32[g0 : g0 + g_tile].T  # (r, g)
+            g = sh.g32[g0 : g0 + g_tile]
+            s = _product(q, g, torch.empty(q.shape[0], g.shape[0], device=sh.device))  # (r, g)
             v, i = _topk_lowest_index_ties(s, min(kk, s.shape[1]))
             i = i + (sh.offset + g0)
             best_s = v if best_s is None else torch.cat([best_s, v], 1)
@@ -511,7 +560,7 @@ class GalleryIndex:
         in fp32 and ordered exactly. ``redo`` marks rows the list may not answer exactly: where the largest
         half score left out, plus its error bound, reaches the k-th fp32 score of the list (fp32's true
         k-th score over the shard is at least that, so a row left out below it cannot be in the top-k)."""
-        _, g_tile = self._tiles(q.shape[0])
+        _, g_tile = self._tiles(q.shape[0], sh.device)
         kk = min(k, len(sh))
         m = min(len(sh), k + self.rescore)
         qh = q.to(sh.half.dtype)
