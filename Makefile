@@ -10,7 +10,7 @@ EXTRAS ?= cpu,dev
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean experiments
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ test: install
 # The edit-test loop: everything but the tests marked `slow` (whole pipeline, subprocess kill/resume).
 test-fast: install
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q -x --durations=15 -m "not slow"
+
+# The paper's comparison rows (Tables 4, 5, 7, 10; GeoCLIP fine-tuned and zero-shot) as DVC experiments of this
+# pipeline, then metrics/experiments.csv and .md. Resumable; about half an hour on the demo (pipeline/experiments.py).
+experiments: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pipeline.experiments
 
 bench: install
 	$(PY) benchmarks/frechet.py
