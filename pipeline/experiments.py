@@ -58,6 +58,7 @@ PARAMS = "params.yaml"
 EVAL_JSON = "metrics/eval.json"
 STATE_FILE = Path(".dvc/tmp/vidtag-experiments.json")  # which experiment ran last, for resuming in place
 BASELINE = "paper-baseline"
+CODE_DIRS = ("vidtag/", "pipeline/")  # where a stage's code deps live (dvc.yaml, pipeline/deps.py)
 
 
 @dataclass(frozen=True)
@@ -177,9 +178,6 @@ def parse_exp_show(data: list[dict[str, Any]]) -> list[Found]:
                                  None if error is None else str(error.get("msg", error) if isinstance(error, dict) else error),
                                  code))
     return out
-
-
-CODE_DIRS = ("vidtag/", "pipeline/")  # a stage's code deps (dvc.yaml, pipeline/deps.py)
 
 
 def reusable(found: Found, params: dict[str, Any], code: dict[str, str]) -> bool:
