@@ -6,18 +6,19 @@ with brute force, ties going to the lowest gallery index, so results are reprodu
 backends and machines. :class:`GalleryIndex` keeps a built index for repeated searches (a 1M x 512
 gallery is 2 GB: copy it to the device once, not per call).
 
-Search is a matrix product followed by a selection: every score costs 2 D FLOP (1,024 at D = 512) and
-is read once by the selection, so it is compute-bound on a CPU and near the ridge on a GPU. The torch
+Search is a matrix product followed by a selection: every score costs 2 D FLOP (1,024 at D = 512) and is
+read once by the selection, so it is compute-bound on a CPU and near the ridge on a GPU. The torch
 backend works on tiles of many queries and gallery rows written into one reused score buffer, selects
 each tile's top-k where the tile is written and merges candidates as it goes; ties are settled at the
-end, and only for the rare rows where a tile's boundary tie can matter. A tile is up to 2^26 scores
-(256 MB); on a CPU a k = 1 search uses tiles of 2^21 (8 MB: 4,096 queries x 512 rows, or 512 x 4,096), so
-the scores are still in the last-level cache when the selection reads them (k > 1 keeps wide tiles: torch's
-CPU ``topk`` pays per row, and the running merge per tile). The CPU tile's fp32 product
-runs through numpy's BLAS (OpenBLAS in numpy's wheels; the library FAISS uses too) into that buffer,
-with the project's thread count: torch's own CPU GEMM (MKL) reached 0.55-0.75 of OpenBLAS's rate on an
-AMD EPYC (Zen 4) at these shapes. The selection for k = 1 is numpy's ``argmax`` (vectorised, first
-maximum = lowest index), ~10x faster than torch's CPU ``max(dim=1)`` with indices. GPU tiles stay torch.
+end, and only for the rare rows where a tile's boundary tie can matter. A tile is up to 2^26 scores (256
+MB); on a CPU a k = 1 search uses tiles of 2^21 (8 MB: 4,096 queries x 512 rows, or 512 x 4,096), so the
+scores are still in the last-level cache when the selection reads them (k > 1 keeps wide tiles: torch's
+CPU ``topk`` pays per row, and the running merge per tile). The CPU tile's fp32 product runs through
+numpy's BLAS (OpenBLAS in numpy's wheels; the library FAISS uses too) into that buffer, with the
+project's thread count: torch's own CPU GEMM (MKL) reached 0.6-0.95 of OpenBLAS's rate on an AMD EPYC
+(Zen 4), varying from run to run, where OpenBLAS's barely moves. The selection for k = 1 is numpy's
+``argmax`` (vectorised, first maximum = lowest index), ~10x faster than torch's CPU ``max(dim=1)`` with
+indices. GPU tiles stay torch.
 
 Half precision (fp16 or bf16 scores, fp32 accumulation; the default on CUDA) keeps a short list per
 query, re-scores it in fp32 and checks, with a per-query bound on the rounding error, that the list
