@@ -277,10 +277,18 @@ class Locator:
                 if self.refiner is not None:
                     gps_emb = torch.zeros_like(frame_emb)
                     gps_emb[keep] = self.gallery_emb[i1[:, 0]].to(gps_emb.dtype)  # (M, D) -> (B, T, D)
+                    refine_fn, inputs = self.refiner, (frame_emb, gps_emb)
+                    if getattr(self.refiner, "needs_gps", False):  # output "offset": the queries' GPS too
+                        gps = torch.zeros(*frame_emb.shape[:2], 2, device=frame_emb.device)
+                        gps[keep] = self.gallery_latlon_t[i1[:, 0]].float()  # (M, 2) -> (B, T, 2)
+                        inputs = (frame_emb, gps_emb, gps)
+
+                        def refine_fn(f, g, ll, p):
+                            return self.refiner(f, g, p, gps_latlon=ll, location_encoder=self.location_encoder)
                     if plan is None:
-                        refined = self.refiner(frame_emb, gps_emb, pad)  # (B, T, D) unit
+                        refined = refine_fn(*inputs, pad)  # (B, T, D) unit
                     else:  # the same queries (whole-sequence Phase I top-1), window by window
-                        refined = plan.apply(self.refiner, frame_emb, gps_emb, batch_frames=batch_frames)  # (B, T, D)
+                        refined = plan.apply(refine_fn, *inputs, batch_frames=batch_frames)  # (B, T, D)
                     q2 = F.normalize(refined[keep].float(), dim=-1)  # (M, D)
                     s2, i2 = self.index.search(q2, k=max(1, top_k))  # (M, K) GPS -> GPS candidates
                     p2_out.append(i2[:, 0])

@@ -74,8 +74,16 @@ class GeoRefinerConfig:
     # "none" is the paper-literal refiner (ablation): identical queries give identical outputs.
     query_link: str = "both"
     max_positions: int = 16  # learned table = training length (Appendix A: 16 frames); longer inputs interpolate it
+    # What the decoder outputs (see GeoRefiner): "embedding" = a free 512-d GPS embedding (Sec. 3.4, the paper);
+    # "offset" = a bounded km correction of each query's GPS, re-embedded by the frozen location encoder (beyond the paper).
+    output: str = "embedding"
+    max_offset_km: float = 5.0  # "offset": the largest correction per coordinate (north, east)
 
     def __post_init__(self):
+        if self.output not in ("embedding", "offset"):
+            raise ConfigError(f"GeoRefinerConfig: output {self.output!r}; expected 'embedding' or 'offset'")
+        if not self.max_offset_km > 0:
+            raise ConfigError(f"GeoRefinerConfig: max_offset_km must be > 0, got {self.max_offset_km}")
         if self.query_link not in ("none", "position", "frame", "both"):
             raise ConfigError(f"GeoRefinerConfig: query_link {self.query_link!r}; expected 'none', 'position', 'frame' or 'both'")
         if self.max_positions < 1:

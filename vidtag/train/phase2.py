@@ -136,7 +136,10 @@ def train_phase2(
             flat_true[keep] = frozen_location(latlon.flatten(0, 1)[keep]).to(g_true.dtype)  # (N, D)
             flat_noisy[keep] = frozen_location(noisy.flatten(0, 1)[keep]).to(g_noisy.dtype)
         with loop.autocast(device, cfg.bf16):
-            refined = trained(frame_emb, g_noisy, pad)  # (B, T, D)
+            if refiner.needs_gps:  # output "offset": corrections of the noisy GPS, re-embedded by the frozen encoder
+                refined = trained(frame_emb, g_noisy, pad, gps_latlon=noisy, location_encoder=frozen_location)  # (B, T, D)
+            else:
+                refined = trained(frame_emb, g_noisy, pad)  # (B, T, D)
         # the loss in fp32; pads weigh 0 in it (vidtag.train.losses), so the step has no host sync
         refined, g_true = refined.float(), g_true.float()
         loss, parts = weighted_hinge_loss(refined, g_true, pad, cfg.alpha, cfg.beta, cfg.video_weight)
