@@ -89,13 +89,28 @@ class GeoRefiner(nn.Module):
     def forward(self, frame_emb: torch.Tensor, gps_emb: torch.Tensor, pad_mask: torch.Tensor | None = None,
                 gps_latlon: torch.Tensor | None = None, location_encoder: nn.Module | None = None) -> torch.Tensor:
         """``gps_latlon`` (B, T, 2) degrees of the queries and the frozen ``location_encoder``: ``output: offset`` only."""
+        if not self.needs_gps:
+            return F.normalize(self._decode(frame_emb, gps_emb, pad_mask), dim=-1)
+        if gps_latlon is None or location_encoder is None:
+            raise ValueError("GeoRefiner(output='offset') needs gps_latlon and location_encoder")
+        moved = self.corrected_gps(frame_emb, gps_emb, gps_latlon, pad_mask)  # (B, T, 2) degrees
+        emb = location_encoder(moved.flatten(0, 1)).view(*moved.shape[:2], -1)  # (B, T, W)
+        return F.normalize(emb.to(frame_emb.dtype), dim=-1)
+
+    def corrected_gps(self, frame_emb: torch.Tensor, gps_emb: torch.Tensor, gps_latlon: torch.Tensor,
+                      pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``output: offset``: the queries' GPS (B, T, 2) degrees moved by the predicted correction."""
+        valid = torch.ones(gps_latlon.shape[:2], dtype=torch.bool, device=gps_latlon.device) if pad_mask is None else ~pad_mask
+        out = self._decode(frame_emb, gps_emb, pad_mask, _relative_km(gps_latlon.float(), valid))  # (B, T, W)
+        offset_km = self.cfg.max_offset_km * torch.tanh(self.offset_head(out).float())  # (B, T, 2) north, east
+        return shift_km(gps_latlon.float(), offset_km)
+
+    def _decode(self, frame_emb: torch.Tensor, gps_emb: torch.Tensor, pad_mask: torch.Tensor | None,
+                rel_km: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder-decoder itself -> (B, T, W), before normalisation or the offset head."""
         src = frame_emb
         query = F.normalize(gps_emb, dim=-1)  # location-encoder outputs are unnormalised
-        if self.needs_gps:
-            if gps_latlon is None or location_encoder is None:
-                raise ValueError("GeoRefiner(output='offset') needs gps_latlon and location_encoder")
-            valid = torch.ones(gps_latlon.shape[:2], dtype=torch.bool, device=gps_latlon.device) if pad_mask is None else ~pad_mask
-            rel_km = _relative_km(gps_latlon, valid)  # (B, T, 2)
+        if rel_km is not None:
             query = query + self.coord_in(rel_km.to(query.dtype) / self.cfg.max_offset_km)
         if self.pos is not None:
             pos = interpolated_positions(self.pos, pad_mask, frame_emb.shape[1]).to(frame_emb.dtype)  # (B|1, T, W)
@@ -104,13 +119,7 @@ class GeoRefiner(nn.Module):
         if self.frame_link is not None:
             query = query + self.frame_link(frame_emb)  # (B, T, W): query t carries frame t
         memory = self.encoder(src, src_key_padding_mask=pad_mask)  # (B, T, W)
-        out = self.decoder(query, memory, tgt_key_padding_mask=pad_mask, memory_key_padding_mask=pad_mask)  # (B, T, W)
-        if not self.needs_gps:
-            return F.normalize(out, dim=-1)
-        offset_km = self.cfg.max_offset_km * torch.tanh(self.offset_head(out).float())  # (B, T, 2) north, east
-        moved = shift_km(gps_latlon.float(), offset_km)  # (B, T, 2) degrees
-        emb = location_encoder(moved.flatten(0, 1)).view(*moved.shape[:2], -1)  # (B, T, W)
-        return F.normalize(emb.to(out.dtype), dim=-1)
+        return self.decoder(query, memory, tgt_key_padding_mask=pad_mask, memory_key_padding_mask=pad_mask)  # (B, T, W)
 
 
 KM_PER_DEG = math.pi / 180.0 * EARTH_RADIUS_KM

@@ -11,7 +11,7 @@ import polars as pl
 import torch
 
 from vidtag.device import resolve_device
-from vidtag.errors import TrainingError
+from vidtag.errors import ConfigError, TrainingError
 from vidtag.features.sequences import SequenceTable, build_sequences
 from vidtag.features.source import feature_source
 from vidtag.fingerprint import sha256_state
@@ -23,7 +23,7 @@ from vidtag.models.georefiner import GeoRefiner
 from vidtag.seeding import seeded
 from vidtag.train import loop
 from vidtag.train.batches import sample_frames
-from vidtag.train.losses import weighted_hinge_loss
+from vidtag.train.losses import gps_km_loss, weighted_hinge_loss
 from vidtag.train.noise import NoiseConfig, corrupt_gps
 from vidtag.train.phase1 import Phase1Model, load_phase1, retrieval_metrics, tied_positions
 
@@ -39,6 +39,9 @@ class Phase2Config:
     lr_gamma: float = 0.95  # Appendix A: StepLR decay, once per epoch
     warmup_steps: int = 1000  # Appendix A
     sampling: str = "subset"  # as Phase I (vidtag.train.batches.sample_frames)
+    # hinge: Eqs. 2-5 | gps_km: mean km between corrected and true GPS (GeoRefiner output "offset" only; beyond
+    # the paper, see vidtag.train.losses.gps_km_loss)
+    loss: str = "hinge"
     alpha: float = 10.0  # Sec. 3.5, Table 7: weight of negative pairs
     beta: float = 1.0  # Sec. 3.5, Table 7: weight of positive pairs
     video_weight: float = 1.0  # Eq. 5 sums L_f and L_v with weight 1
@@ -48,6 +51,10 @@ class Phase2Config:
     shift_max_deg: float = 0.2
     bf16: bool = False  # bf16 autocast of the forward passes (the loss stays fp32), as Phase1Config.bf16
     seed: int = 0
+
+    def __post_init__(self):
+        if self.loss not in ("hinge", "gps_km"):
+            raise ConfigError(f"phase2.loss must be 'hinge' or 'gps_km', got {self.loss!r}")
 
     @property
     def noise(self) -> NoiseConfig:
@@ -101,6 +108,8 @@ def train_phase2(
     refiner_cfg = replace(refiner_cfg, max_positions=tied_positions(
         refiner_cfg.max_positions, cfg.seq_len, GeoRefinerConfig.max_positions, "phase2.refiner.max_positions", "phase2.seq_len"))
     model_cfg = VidTAGConfig.from_dict({**p1_config["model"], "refiner": asdict(refiner_cfg)})
+    if cfg.loss == "gps_km" and refiner_cfg.output != "offset":
+        raise ConfigError("phase2.loss gps_km scores corrected GPS: it needs phase2.refiner.output: offset")
     if refiner_cfg.width != model_cfg.frame.out_dim:
         raise TrainingError(f"GeoRefiner width {refiner_cfg.width} must equal the embedding size {model_cfg.frame.out_dim} (Sec. 3.4)")
     if (features.clip.shape[1], features.dino.shape[1]) != (model_cfg.frame.clip_dim, model_cfg.frame.dino_dim):
@@ -135,6 +144,11 @@ def train_phase2(
             flat_true, flat_noisy = g_true.view(-1, g_true.shape[-1]), g_noisy.view(-1, g_noisy.shape[-1])
             flat_true[keep] = frozen_location(latlon.flatten(0, 1)[keep]).to(g_true.dtype)  # (N, D)
             flat_noisy[keep] = frozen_location(noisy.flatten(0, 1)[keep]).to(g_noisy.dtype)
+        if cfg.loss == "gps_km":
+            with loop.autocast(device, cfg.bf16):
+                moved = refiner.corrected_gps(frame_emb, g_noisy, noisy, pad)  # (B, T, 2) degrees
+            loss, parts = gps_km_loss(moved.float(), latlon.float(), pad)
+            return loss, parts, n
         with loop.autocast(device, cfg.bf16):
             if refiner.needs_gps:  # output "offset": corrections of the noisy GPS, re-embedded by the frozen encoder
                 refined = trained(frame_emb, g_noisy, pad, gps_latlon=noisy, location_encoder=frozen_location)  # (B, T, D)
