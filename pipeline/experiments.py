@@ -7,7 +7,7 @@ Each experiment is the committed pipeline with a few params overridden (``dvc ex
   baseline's Phase I answer) and the full model with GeoRefiner (the baseline's final answer).
 * GeoCLIP zero-shot (App. F.1, the Tables 1-2 baseline, ``phase1.kind=geoclip_zero_shot``): only with real CLIP
   ViT-L/14 features; on the demo's tiny random backbones the row says so and nothing runs.
-* Table 5 (gallery resolution 1 / 0.5 / 0.1 km), Table 7 (alpha 1 / 10 / 100, beta 1) and Table 10 (training
+* Table 5 (gallery resolution 1 / 0.5 / 0.1 km), Table 7 (alpha 1 / 10 / 100, beta 1, on the paper-literal refiner: Eqs. 2-5 and embedding outputs) and Table 10 (training
   sequences of 4 / 8 / 16 frames in both phases).
 * Table 6's CLIP + SigLIP row is listed as not available: the second backbone slot holds DINOv2 only.
 
@@ -86,9 +86,9 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("paper-t5-gallery-1km", ("gallery.resolution_km=1.0",)),
     Experiment("paper-t5-gallery-0.5km", ("gallery.resolution_km=0.5",)),
     Experiment("paper-t5-gallery-0.1km", ("gallery.resolution_km=0.1",)),
-    Experiment("paper-t7-alpha-1", ("phase2.alpha=1.0", "phase2.beta=1.0")),
-    Experiment("paper-t7-alpha-10", ("phase2.alpha=10.0", "phase2.beta=1.0")),
-    Experiment("paper-t7-alpha-100", ("phase2.alpha=100.0", "phase2.beta=1.0")),
+    Experiment("paper-t7-alpha-1", ("phase2.loss=hinge", "phase2.refiner.output=embedding", "phase2.alpha=1.0", "phase2.beta=1.0")),
+    Experiment("paper-t7-alpha-10", ("phase2.loss=hinge", "phase2.refiner.output=embedding", "phase2.alpha=10.0", "phase2.beta=1.0")),
+    Experiment("paper-t7-alpha-100", ("phase2.loss=hinge", "phase2.refiner.output=embedding", "phase2.alpha=100.0", "phase2.beta=1.0")),
     Experiment("paper-t10-seq-4", ("phase1.seq_len=4", "phase2.seq_len=4")),
     Experiment("paper-t10-seq-8", ("phase1.seq_len=8", "phase2.seq_len=8")),
     Experiment("paper-t10-seq-16", ("phase1.seq_len=16", "phase2.seq_len=16")),

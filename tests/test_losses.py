@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -111,3 +113,22 @@ def test_weighted_hinge_does_not_wait_for_the_device():
         loss, _ = weighted_hinge_loss(refined, torch.randn(3, 6, 8), pad)
         loss.backward()
     assert rec.syncs == []
+
+
+def test_gps_km_loss_is_the_mean_distance_over_valid_frames():
+    from vidtag.geo import haversine_km
+    from vidtag.train.losses import gps_km_loss
+    truth = torch.tensor([[[52.0, 4.0], [52.01, 4.0], [0.0, 0.0]]], dtype=torch.float64)
+    moved = truth.clone()
+    moved[0, 0, 0] += 0.01  # ~1.1 km north
+    moved[0, 2] = torch.tensor([10.0, 10.0])  # a pad: ignored
+    pad = torch.tensor([[False, False, True]])
+    loss, _ = gps_km_loss(moved, truth, pad)
+    assert float(loss) == pytest.approx(haversine_km(52.0, 4.0, 52.01, 4.0) / 2, rel=1e-3)
+
+
+def test_an_unknown_phase2_loss_is_refused():
+    from vidtag.errors import ConfigError
+    from vidtag.train.phase2 import Phase2Config
+    with pytest.raises(ConfigError, match="gps_km"):
+        Phase2Config(loss="mae")
