@@ -7,19 +7,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from small_repo import run, small_repo
 
 from pipeline import experiments as ex
 from pipeline.experiments import BASELINE, EXPERIMENTS, ROWS
 
-REPO = Path(__file__).resolve().parents[1]
 HEAD, OLD = "a" * 40, "b" * 40
 CODE = {"pipeline/evaluate.py": "11", "vidtag/geo.py": "22"}
 BASE = {"seed": 0, "backbone": {"preset": "tiny", "clip": {"arch": "ViT-L-14"}}, "gallery": {"resolution_km": 0.1},
@@ -153,36 +150,13 @@ def test_collect_only_writes_both_tables(tmp_path, monkeypatch):
     assert ex.main(["--only", "paper-wizard"]) == 1
 
 
-def _git(work: Path, env: dict, *args: str) -> str:
-    proc = subprocess.run(["git", *args], cwd=work, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
-
-
 @pytest.mark.slow
 def test_make_experiments_in_a_small_clone(tmp_path):
     """Two experiments end to end in a small clone (as tests/test_pipeline.py sets one up): GeoCLIP fine-tuned
     (Phase I only, passed on by train_phase2, evaluated as Phase I, packed and predicted with) and a gallery row;
     a second invocation runs nothing; the workspace is left at the baseline's run."""
     work = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file() and not rel.startswith(("cache/", "metrics/", "plots/", "dvclive/")) and rel != "dvc.lock":
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, work / rel)
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    params["data"]["toy"].update(sequences_per_city=5, cities=["Amsterdam", "Melbourne"], max_frames=30)
-    for phase in ("phase1", "phase2"):
-        params[phase].update(epochs=2, batch_size=4, warmup_steps=2)
-    params["runtime"]["eval_every"] = 0
-    params["eval"]["n_maps"] = 1
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    _git(work, env, "init", "-q")
-    _git(work, env, "add", "-A")
-    _git(work, env, "commit", "-qm", "clone")
+    env = small_repo(work, epochs=2, eval_every=0, n_maps=1)
 
     cmd = [sys.executable, "-m", "pipeline.experiments", "--only", "paper-geoclip-finetune", "--only", "paper-t5-gallery-1km"]
     first = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
@@ -203,7 +177,7 @@ def test_make_experiments_in_a_small_clone(tmp_path):
     assert ft_metrics["frame"] == ft_metrics["phase1"]["frame"]  # no GeoRefiner: the answer is Phase I's
     assert by_name["paper-t5-gallery-1km"].metrics["cost"]["gallery_points"] < by_name[BASELINE].metrics["cost"]["gallery_points"]
     # the workspace is the baseline's run again, with the committed params
-    assert _git(work, env, "status", "--porcelain", "params.yaml") == ""
+    assert run(["git", "status", "--porcelain", "params.yaml"], work, env) == ""
     assert json.loads((work / "metrics" / "eval.json").read_text()) == by_name[BASELINE].metrics
 
     again = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)  # resumable: everything is done

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from small_repo import run, small_repo
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS_FILES = [REPO / "params.yaml", *sorted((REPO / "params").glob("*.yaml"))]
@@ -66,37 +64,13 @@ def test_params_files_build_every_stage_config(path):
     assert params["gallery"]["kind"] in {"grid", "city_centres", "geoclip100k"}
 
 
-def _run(cmd: list[str], cwd: Path, env: dict) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
-
 @pytest.mark.slow
 def test_dvc_repro_on_a_small_toy_world(tmp_path):
     """Clone the tracked tree, shrink the demo, run `dvc repro`, then check what a user relies on."""
     work = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file() and not rel.startswith(("cache/", "metrics/", "plots/", "dvclive/")) and rel != "dvc.lock":
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, work / rel)
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    params["data"]["toy"].update(sequences_per_city=5, cities=["Amsterdam", "Melbourne"], max_frames=30)
-    for phase in ("phase1", "phase2"):
-        params[phase].update(epochs=3, batch_size=4, warmup_steps=2)
-    params["runtime"]["eval_every"] = 1
-    params["eval"]["n_maps"] = 2
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    _run(["git", "init", "-q"], work, env)
-    _run(["git", "add", "-A"], work, env)
-    _run(["git", "commit", "-qm", "clone"], work, env)
-    _run(["dvc", "repro"], work, env)
+    env = small_repo(work, epochs=3, eval_every=1, n_maps=2)
+    params = yaml.safe_load((work / "params.yaml").read_text())  # the shrunk demo, changed below
+    run(["dvc", "repro"], work, env)
 
     metrics = json.loads((work / "metrics" / "eval.json").read_text())
     for group in ("frame", "video"):
@@ -114,20 +88,20 @@ def test_dvc_repro_on_a_small_toy_world(tmp_path):
     assert (work / "plots" / "error_cdf.csv").exists() and len(list((work / "plots" / "maps").glob("*.png"))) == 2
 
     # Unchanged: a no-op. A phase2 param: only train_phase2 and evaluate run.
-    assert "Data and pipelines are up to date" in _run(["dvc", "repro"], work, env)
+    assert "Data and pipelines are up to date" in run(["dvc", "repro"], work, env)
     params["phase2"]["alpha"] = 1.0
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    log = _run(["dvc", "repro"], work, env)
+    log = run(["dvc", "repro"], work, env)
     assert set(re.findall(r"Running stage '(\w+)'", log)) == {"train_phase2", "evaluate"}, log
     # a gallery param: only the gallery and the evaluation run (Table 5's sweep never retrains)
     params["gallery"]["resolution_km"] = 0.2
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    log = _run(["dvc", "repro"], work, env)
+    log = run(["dvc", "repro"], work, env)
     assert set(re.findall(r"Running stage '(\w+)'", log)) == {"gallery", "evaluate"}, log
     # runtime settings change how stages run, not what they compute: nothing re-runs
     params["runtime"].update(eval_every=2, device="cpu", features_in_memory=False)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert "Data and pipelines are up to date" in _run(["dvc", "repro"], work, env)
+    assert "Data and pipelines are up to date" in run(["dvc", "repro"], work, env)
 
 
 def test_dvclive_curves_continue_across_a_resume(tmp_path):
