@@ -278,7 +278,7 @@ class Locator:
                     gps_emb = torch.zeros_like(frame_emb)
                     gps_emb[keep] = self.gallery_emb[i1[:, 0]].to(gps_emb.dtype)  # (M, D) -> (B, T, D)
                     refine_fn, inputs = self.refiner, (frame_emb, gps_emb)
-                    if getattr(self.refiner, "needs_gps", False):  # output "offset": the queries' GPS too
+                    if self.refiner.needs_gps:  # output "offset": the queries' GPS too
                         gps = torch.zeros(*frame_emb.shape[:2], 2, device=frame_emb.device)
                         gps[keep] = self.gallery_latlon_t[i1[:, 0]].float()  # (M, 2) -> (B, T, 2)
                         inputs = (frame_emb, gps_emb, gps)

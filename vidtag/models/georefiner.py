@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidtag.geo import EARTH_RADIUS_KM
+from vidtag.geo import KM_PER_DEG_LAT
 from vidtag.models.config import GeoRefinerConfig
 from vidtag.models.positions import interpolated_positions
 
@@ -122,7 +120,7 @@ class GeoRefiner(nn.Module):
         return self.decoder(query, memory, tgt_key_padding_mask=pad_mask, memory_key_padding_mask=pad_mask)  # (B, T, W)
 
 
-KM_PER_DEG = math.pi / 180.0 * EARTH_RADIUS_KM
+KM_PER_DEG = float(KM_PER_DEG_LAT)  # a Python float: torch keeps the tensors' dtype
 
 
 def _relative_km(latlon: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vidtag.geo import EARTH_RADIUS_KM, haversine_km_torch
+from vidtag.geo import KM_PER_DEG_LAT, haversine_km_torch
 
 
 def positive_targets(latlon_deg: torch.Tensor, positive_radius_km: float) -> torch.Tensor:
@@ -96,7 +96,6 @@ def weighted_hinge_loss(
     return loss, {"frame": frame.detach(), "video": video.detach()}
 
 
-
 def gps_km_loss(moved_deg: torch.Tensor, truth_deg: torch.Tensor, pad_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean distance in km between (B, T, 2) corrected and true GPS over valid frames (beyond the paper).
 
@@ -107,7 +106,7 @@ def gps_km_loss(moved_deg: torch.Tensor, truth_deg: torch.Tensor, pad_mask: torc
     """
     b, t, _ = moved_deg.shape
     w = torch.ones(b, t, device=moved_deg.device) if pad_mask is None else (~pad_mask).to(moved_deg.dtype)
-    k = torch.pi / 180.0 * EARTH_RADIUS_KM
+    k = float(KM_PER_DEG_LAT)
     d_north = (moved_deg[..., 0] - truth_deg[..., 0]) * k
     d_lon = torch.remainder(moved_deg[..., 1] - truth_deg[..., 1] + 180.0, 360.0) - 180.0
     d_east = d_lon * k * torch.cos(torch.deg2rad(truth_deg[..., 0]))
