@@ -36,6 +36,8 @@ class QueryIsFeature(nn.Module):
 class KeepFrame(nn.Module):
     """A GeoRefiner stand-in that returns the frame embedding: the final retrieval repeats Phase I's."""
 
+    needs_gps = False  # an embedding-output refiner: it never sees the queries' GPS
+
     def forward(self, frame_emb, gps_emb, pad_mask=None):
         return frame_emb
 
