@@ -749,19 +749,56 @@ def test_a_full_disk_during_extraction_is_one_line_and_the_rerun_resumes(tmp_pat
     assert _store_files(tmp_path / "f.zarr") == _store_files(tmp_path / "clean.zarr")
 
 
-def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fail", [_raise_os(errno.ENOSPC, "No space left on device"), _safetensors_full_disk],
+                         ids=["ENOSPC", "safetensors' own I/O error"])
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fail):
     import vidtag.train.checkpoint as checkpoint
     from vidtag.errors import CheckpointError
 
     ckpt = tmp_path / "ckpt"
     checkpoint.save_checkpoint(ckpt, {"m": torch.nn.Linear(1, 1)}, None, {"epoch": 1})
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
-
-    def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(checkpoint, "save_file", full_disk)
-    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is kept"):
+    monkeypatch.setattr(checkpoint, "save_file", fail)
+    with pytest.raises(CheckpointError, match=r"\(No space left on device\); the previous checkpoint is kept"):
         checkpoint.save_checkpoint(ckpt, {"m": torch.nn.Linear(1, 1)}, None, {"epoch": 2})
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_failed_directory_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
+    """The second rename of a directory swap fails: the old directory is renamed back, not left as `.NAME.old`."""
+    from vidtag.io import atomic_path
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("old")
+    real_rename = Path.rename
+
+    def fail_second(self, target):
+        if Path(target) == out and self.name.endswith(".tmp"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", fail_second)
+    with pytest.raises(OSError, match="Input/output error"), atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "a").write_text("new")
+    assert (out / "a").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("target_survived", [False, True])
+def test_a_backup_left_by_a_crash_mid_swap_is_recovered(tmp_path, target_survived):
+    """A kill between the swap's two renames leaves `.NAME.old` (and maybe no NAME): the next write restores or drops it."""
+    from vidtag.io import atomic_path
+
+    out, backup = tmp_path / "out", tmp_path / ".out.old"
+    backup.mkdir()
+    (backup / "a").write_text("old")
+    if target_survived:
+        out.mkdir()
+        (out / "a").write_text("newer")
+    with pytest.raises(RuntimeError), atomic_path(out):
+        raise RuntimeError("the writer fails: what is on disk must be the last complete directory")
+    assert (out / "a").read_text() == ("newer" if target_survived else "old")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,11 +17,19 @@ from typing import Any
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
 
-    Works for files and directories (a directory target is swapped via a backup rename, so an
-    existing complete directory is only removed once the new one is fully written).
+    Works for files and directories. A directory target is swapped via a backup rename
+    (``.NAME.old``): the old directory is removed only once the new one is in place, and if the
+    second rename fails the backup is renamed back. A backup left by a crash between the two renames
+    is restored on the next call, so the last complete directory is never lost.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    backup = path.with_name(f".{path.name}.old")
+    if backup.is_dir():  # a crash between the two renames: the backup is the last complete output
+        if path.exists():
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            backup.rename(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -28,10 +37,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.is_dir() and path.exists():
-            backup = path.with_name(f".{path.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
             path.rename(backup)
-            tmp.rename(path)
+            try:
+                tmp.rename(path)
+            except OSError:
+                backup.rename(path)
+                raise
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, path)
@@ -40,6 +51,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def write_error_reason(e: Exception) -> str:
+    """The one-line reason a write failed: the OS's message (e.g. "No space left on device"), else the error's first line.
+
+    safetensors reports its own I/O errors as ``SafetensorError("... I/O error: <reason> (os error 28) ...")``;
+    the reason is taken out of that text so every writer says the same thing for the same cause.
+    """
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(e))
+    return found.group(1) if found else (str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -12,7 +12,6 @@ store, feature dims, gallery file name + sha256, model sha256) and ``gallery.par
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from vidtag.errors import BundleError, VidtagError
 from vidtag.fingerprint import sha256_file
-from vidtag.io import atomic_path
+from vidtag.io import atomic_path, write_error_reason
 from vidtag.models.config import VidTAGConfig
 from vidtag.models.frame_encoder import FrameEncoder
 from vidtag.models.georefiner import GeoRefiner
@@ -155,16 +154,8 @@ def save_bundle(directory: str | Path, bundle: Bundle) -> Path:
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     except (OSError, SafetensorError) as e:  # safetensors reports its own I/O errors as SafetensorError
         kept = "the previous bundle there is kept" if (directory / CONFIG_FILE).exists() else "nothing was written there"
-        raise BundleError(f"cannot write model bundle {directory}: {_write_reason(e)}; {kept}") from None
+        raise BundleError(f"cannot write model bundle {directory}: {write_error_reason(e)}; {kept}") from None
     return directory
-
-
-def _write_reason(e: Exception) -> str:
-    """The one-line reason of a failed write: the OS's message (e.g. "No space left on device"), else the error's first line."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(e))  # safetensors: "... I/O error: <reason> (os error 28) at path ..."
-    return found.group(1) if found else (str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 def _check_inside(directory: Path) -> None:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vidtag.errors import CheckpointError  # re-exported: `from vidtag.train.checkpoint import CheckpointError` works
-from vidtag.io import atomic_path, write_json_atomic
+from vidtag.io import atomic_path, write_error_reason, write_json_atomic
 
 WEIGHTS = "weights.safetensors"
 OPTIMIZER = "optimizer.safetensors"
@@ -79,8 +79,8 @@ def save_checkpoint(directory: str | Path, modules: dict[str, nn.Module], optimi
                 save_file(tensors, tmp / OPTIMIZER)
                 state["optimizer"] = meta
             (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    except OSError as e:  # a full disk: the previous checkpoint was not touched
-        raise CheckpointError(f"cannot write checkpoint {directory} ({e.strerror or e}); the previous checkpoint is "
+    except (OSError, SafetensorError) as e:  # a full disk (safetensors says so as a SafetensorError): the previous checkpoint was not touched
+        raise CheckpointError(f"cannot write checkpoint {directory} ({write_error_reason(e)}); the previous checkpoint is "
                               "kept: free space, then run again to resume from it") from None
     return directory
 
