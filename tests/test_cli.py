@@ -13,7 +13,7 @@ from test_inference import grid
 from test_predict_cli import gradient, model_dir  # noqa: F401  (the tiny bundle fixture)
 from typer.testing import CliRunner
 
-from vidtag.cli import GalleryKind, Preset, app
+from vidtag.cli import GalleryKind, Preset, SecondKind, app
 
 runner = CliRunner()
 
@@ -51,10 +51,11 @@ def test_every_command_and_argument_has_help_that_renders():
 
 
 def test_choices_are_the_library_ones_and_version():
-    from vidtag.features.backbones import PRESETS
+    from vidtag.features.backbones import PRESETS, SECOND_KINDS
     from vidtag.gallery import KINDS
 
     assert tuple(p.value for p in Preset) == PRESETS and tuple(k.value for k in GalleryKind) == KINDS
+    assert tuple(k.value for k in SecondKind) == SECOND_KINDS
     r = runner.invoke(app, ["gallery", "build", "m.parquet", "-o", "g.parquet", "--kind", "hexagons"])
     assert r.exit_code == 2 and "--kind" in r.output and "city_centres" in r.output
     r = runner.invoke(app, ["--version"])

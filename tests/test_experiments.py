@@ -117,7 +117,10 @@ def test_table_rows_report_the_answer_each_row_is(planned):
     assert table[("Table 10", "4 frames")]["frame_acc_1km"] == 4.0
     assert table[("Table 10", "8 frames")]["status"] == "not run" and "frame_acc_1km" not in table[("Table 10", "8 frames")]
     assert table[("Tables 1-2", "GeoCLIP zero-shot (App. F.1)")]["status"] == "skipped"
-    assert table[("Table 6", "CLIP + SigLIP")]["status"] == "not available"
+    siglip = table[("Table 6", "CLIP + SigLIP")]
+    assert siglip["status"] == "not run" and "tiny random towers" in siglip["note"]  # the row's own caveat is kept
+    missing = ex.build_table([ex.Row("Table 9", "a row this pipeline lacks", None, note="why")], list(planned.values()))
+    assert missing[0]["status"] == "not available" and missing[0]["note"] == "why"
 
     rows = list(csv.DictReader(io.StringIO(ex.to_csv(list(table.values())))))
     header = list(rows[0])

@@ -235,6 +235,7 @@ def _map_file(ctx: typer.Context, param: typer.CallbackParam, value: _Opt[_Path]
 
 # Choices, spelled here so `vidtag --help` imports no torch; tests check they equal the library's.
 Preset = enum.Enum("Preset", {p.replace("-", "_"): p for p in ("real", "tiny", "real-arch")}, type=str)
+SecondKind = enum.Enum("SecondKind", {k: k for k in ("dinov2", "open_clip")}, type=str)
 GalleryKind = enum.Enum("GalleryKind", {k: k for k in ("grid", "city_centres", "geoclip100k", "world", "val_set")}, type=str)
 Split = enum.Enum("Split", {s: s for s in ("all", "train", "val", "test")}, type=str)
 
@@ -362,6 +363,10 @@ def extract(
     clip_arch: str = typer.Option("ViT-L-14", help="open_clip architecture."),
     clip_pretrained: str = typer.Option("openai", help="open_clip pretrained tag, or a local checkpoint file."),
     dino_name: str = typer.Option("facebook/dinov2-large", help="Hugging Face id (from the local cache) or a local directory."),
+    second: SecondKind = typer.Option(SecondKind.dinov2, help="What fills the second backbone slot: DINOv2 (Sec. 3.1) "
+                                                              "or an open_clip image tower (Table 6: SigLIP)."),
+    second_arch: str = typer.Option("ViT-B-16-SigLIP", help="--second open_clip: the open_clip architecture."),
+    second_pretrained: str = typer.Option("webli", help="--second open_clip: pretrained tag, or a local checkpoint file."),
     image_size: int = typer.Option(224, min=16, help="Input side in pixels (paper: 224)."),
     seed: int = typer.Option(0, help="Seed of the random presets' weights."),
     batch_size: int = typer.Option(256, min=1, help="Frames per forward pass."),
@@ -377,12 +382,14 @@ def extract(
                                                         "damaged ones again (a resume checks only what it needs)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Extract frozen CLIP + DINOv2 features for every manifest row (resumable; re-running is a no-op)."""
+    """Extract frozen CLIP + DINOv2 (or a second open_clip tower) features for every manifest row (resumable;
+    re-running is a no-op)."""
     from vidtag.data.manifest import read_manifest
     from vidtag.features.extract import configs_from_params, extract_features, parse_shard
 
     bcfg, ecfg = configs_from_params(dict(
-        preset=preset.value, clip={"arch": clip_arch, "pretrained": clip_pretrained}, dino={"name": dino_name},
+        preset=preset.value, clip={"arch": clip_arch, "pretrained": clip_pretrained},
+        dino={"name": dino_name, "kind": second.value, "arch": second_arch, "pretrained": second_pretrained},
         image_size=image_size, seed=seed, batch_size=batch_size, num_workers=num_workers, device=device,
         bf16=bf16, compile=compile, shard_rows=shard_rows, chunk_rows=min(64, shard_rows)))
     result = extract_features(read_manifest(manifest), out, bcfg, ecfg, shard=parse_shard(shard),

@@ -5,6 +5,11 @@ Three presets share one code path (the same classes, preprocessing and ``encode`
 models from config with a fixed seed (tests, the demo, and ``predict`` on a demo bundle rebuild the
 identical weights); ``real-arch`` builds the ViT-L/14 architectures with random weights (benchmarks).
 
+The second slot is DINOv2 by default; ``backbone.dino.kind: open_clip`` puts any open_clip image tower there
+instead (``arch`` + ``pretrained``; Table 6's CLIP + SigLIP is ``arch: ViT-B-16-SigLIP, pretrained: webli``).
+The slot keeps the name ``dino`` everywhere (feature store arrays, ``frame.backbones``): it is "the second
+backbone", whatever fills it.
+
 ``build_backbones(cfg, dino=False)`` builds the CLIP tower alone (GeoCLIP's zero-shot model reads CLIP
 features only): DINOv2 is neither loaded nor run, and its features are (B, 0).
 
@@ -36,6 +41,7 @@ PRESETS = ("real", "tiny", "real-arch")
 # 16:9 one ~22 %). "squash": the whole frame resized to image_size x image_size (App. A: frames "resized to
 # 224x224"), aspect ratio not kept, nothing cut away.
 RESIZE_MODES = ("crop", "squash")
+SECOND_KINDS = ("dinov2", "open_clip")  # what fills the second backbone slot (Table 6 swaps DINOv2 for SigLIP)
 
 # Small but real ViTs: enough depth/width to exercise every layer type, fast on 2 CPU cores.
 # Different output dims for the two backbones so a swapped array cannot go unnoticed.
@@ -44,6 +50,7 @@ TINY_CLIP = {
     "vision_cfg": {"layers": 2, "width": 64, "head_width": 32, "patch_size": 8, "mlp_ratio": 2.0},
     "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
 }
+TINY_SECOND_DIM = 48  # a tiny open_clip tower in the second slot: DINOv2-tiny's width, so the demo's shapes hold
 TINY_DINO = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_ratio": 2, "patch_size": 8}
 # facebook/dinov2-large's config.json, so that `real-arch` needs no hub access.
 DINOV2_LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "mlp_ratio": 4,
@@ -65,6 +72,9 @@ class BackboneConfig:
     clip_pretrained: str = "openai"  # open_clip pretrained tag, or a local checkpoint file
     clip_quick_gelu: bool = True  # OpenAI's CLIP weights were trained with QuickGELU (open_clip warns otherwise)
     dino_name: str = "facebook/dinov2-large"  # Sec. 3.1 / App. A: DINOv2 ViT-L/14; HF id (cached) or local dir
+    dino_kind: str = "dinov2"  # SECOND_KINDS: what fills the second slot; "open_clip" = Table 6's CLIP + SigLIP rows
+    dino_arch: str = "ViT-B-16-SigLIP"  # dino_kind "open_clip": the open_clip architecture
+    dino_pretrained: str = "webli"  # dino_kind "open_clip": open_clip pretrained tag, or a local checkpoint file
     image_size: int = 224  # App. A: frames resized to 224x224
     seed: int = 0  # initialises the random presets; ignored by "real"
     resize: str = "crop"  # RESIZE_MODES: "crop" (each backbone's centre crop; stores made before this option) | "squash" (App. A)
@@ -76,6 +86,12 @@ class BackboneConfig:
             raise ConfigError(f"backbone resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         if self.image_size < 16:
             raise ConfigError(f"backbone image_size must be >= 16 px, got {self.image_size}")
+        if self.dino_kind not in SECOND_KINDS:
+            raise ConfigError(f"backbone dino.kind must be one of {SECOND_KINDS}, got {self.dino_kind!r}")
+
+    @property
+    def second_is_open_clip(self) -> bool:
+        return self.dino_kind == "open_clip"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BackboneConfig":
@@ -152,7 +168,8 @@ class DualBackbone(nn.Module):
             if pp is not None:
                 self.register_buffer(f"{name}_mean", torch.tensor(pp["mean"]).view(1, 3, 1, 1), persistent=False)
                 self.register_buffer(f"{name}_std", torch.tensor(pp["std"]).view(1, 3, 1, 1), persistent=False)
-        self.dims = (int(clip_visual.output_dim), int(dino.config.hidden_size) if dino is not None else 0)
+        self.dims = (int(clip_visual.output_dim), 0 if dino is None else
+                     int(dino.output_dim) if cfg.second_is_open_clip else int(dino.config.hidden_size))
         self._weights_sha256: dict[str, str] | None = None
 
     def train(self, mode: bool = True) -> "DualBackbone":
@@ -192,9 +209,12 @@ class DualBackbone(nn.Module):
                 f_dino = f_clip.new_zeros((f_clip.shape[0], 0))  # (B, 0)
             else:
                 x_dino = self._normalise(dino_bchw.to(dev, non_blocking=True), self.dino_mean, self.dino_std)
-                # pooler_output = CLS token after the final layernorm, read by name rather than by tuple
-                # position, so a transformers release that reorders the outputs cannot swap them.
-                f_dino = dino_enc(pixel_values=x_dino).pooler_output  # (B, 3, S, S) -> (B, Dd)
+                if self.cfg.second_is_open_clip:
+                    f_dino = dino_enc(x_dino)  # (B, 3, S, S) -> (B, Dd): the tower's projected image embedding
+                else:
+                    # pooler_output = CLS token after the final layernorm, read by name rather than by tuple
+                    # position, so a transformers release that reorders the outputs cannot swap them.
+                    f_dino = dino_enc(pixel_values=x_dino).pooler_output  # (B, 3, S, S) -> (B, Dd)
         return f_clip.float(), f_dino.float()
 
     @staticmethod
@@ -218,12 +238,18 @@ class DualBackbone(nn.Module):
         config = asdict(self.cfg)
         if config["resize"] == "crop":
             del config["resize"]
+        if not self.cfg.second_is_open_clip:  # stores made before the second slot could be swapped keep their key
+            for k in ("dino_kind", "dino_arch", "dino_pretrained"):
+                del config[k]
+        else:
+            del config["dino_name"]
         return {
             "config": config,
             "clip": {"arch": self.sources["clip_arch"], "weights": self.sources["clip"], "weights_sha256": sha["clip"],
                      "dim": self.dims[0], "output": "projected image embedding"},
             "dino": {"name": self.sources["dino_name"], "weights": self.sources["dino"], "weights_sha256": sha["dino"],
-                     "dim": self.dims[1], "output": "pooler_output"},
+                     "dim": self.dims[1],
+                     "output": "projected image embedding" if self.cfg.second_is_open_clip else "pooler_output"},
             "preprocessing": {"clip": self.preprocessor.clip_cfg, "dino": self.preprocessor.dino_cfg},
             "compute_dtype": "bfloat16" if self.bf16 else "float32",
         }
@@ -247,11 +273,14 @@ def build_backbones(cfg: BackboneConfig, device: str | torch.device = "cpu", *, 
             clip_visual, clip_pp, clip_src = _build_clip(cfg)
             if dino:
                 torch.manual_seed(cfg.seed + 1)
-                dino_model, dino_pp, dino_src = _build_dino(cfg)
+                dino_model, dino_pp, dino_src = _build_second_open_clip(cfg) if cfg.second_is_open_clip else _build_dino(cfg)
         finally:
             logging.disable(previous)
     tiny = cfg.preset == "tiny"
-    dino_name = "vidtag-tiny-dinov2" if tiny else (cfg.dino_name if cfg.preset == "real" else "dinov2-large")
+    if cfg.second_is_open_clip:
+        dino_name = "vidtag-tiny-vit-2" if tiny else cfg.dino_arch
+    else:
+        dino_name = "vidtag-tiny-dinov2" if tiny else (cfg.dino_name if cfg.preset == "real" else "dinov2-large")
     sources = {"clip": clip_src, "dino": dino_src, "clip_arch": "vidtag-tiny-vit" if tiny else cfg.clip_arch,
                "dino_name": dino_name if dino else None}
     bb = DualBackbone(cfg, clip_visual, dino_model, Preprocessor(clip_pp, dino_pp), sources)
@@ -259,51 +288,64 @@ def build_backbones(cfg: BackboneConfig, device: str | torch.device = "cpu", *, 
 
 
 def _build_clip(cfg: BackboneConfig) -> tuple[nn.Module, dict[str, Any], str]:
+    return _build_open_clip_tower(cfg, cfg.clip_arch, cfg.clip_pretrained, cfg.clip_quick_gelu, TINY_CLIP["embed_dim"],
+                                  "backbone.clip.pretrained")
+
+
+def _build_second_open_clip(cfg: BackboneConfig) -> tuple[nn.Module, dict[str, Any], str]:
+    """The second slot filled by an open_clip image tower (Table 6: SigLIP). QuickGELU only for OpenAI's
+    own weights (the tag ``openai``), which were trained with it; SigLIP and most others use GELU."""
+    return _build_open_clip_tower(cfg, cfg.dino_arch, cfg.dino_pretrained, cfg.dino_pretrained == "openai",
+                                  TINY_SECOND_DIM, "backbone.dino.pretrained")
+
+
+def _build_open_clip_tower(cfg: BackboneConfig, arch: str, pretrained: str, quick_gelu: bool, tiny_dim: int,
+                           setting: str) -> tuple[nn.Module, dict[str, Any], str]:
+    """An open_clip model's image tower (random for the tiny / real-arch presets) and its preprocessing."""
     import open_clip
 
-    kwargs: dict[str, Any] = {"force_quick_gelu": cfg.clip_quick_gelu}
+    kwargs: dict[str, Any] = {"force_quick_gelu": quick_gelu}
     if cfg.preset == "tiny":
         base = open_clip.get_model_config("ViT-B-16")
         vision = {**base["vision_cfg"], **TINY_CLIP["vision_cfg"], "image_size": cfg.image_size}
         text = {**base["text_cfg"], **TINY_CLIP["text_cfg"]}
         # Same factory as the real model; the architecture is data (open_clip's model_kwargs override).
-        model = open_clip.create_model("ViT-B-16", pretrained=None, embed_dim=TINY_CLIP["embed_dim"],
+        model = open_clip.create_model("ViT-B-16", pretrained=None, embed_dim=tiny_dim,
                                        vision_cfg=vision, text_cfg=text, **kwargs)
         src = f"random(seed={cfg.seed})"
     elif cfg.preset == "real-arch":
-        model = open_clip.create_model(cfg.clip_arch, pretrained=None, **kwargs)
+        model = open_clip.create_model(arch, pretrained=None, **kwargs)
         src = f"random(seed={cfg.seed})"
     else:
-        pretrained = cfg.clip_pretrained
         if _is_file_spec(pretrained):
             if not os.path.isfile(pretrained):
-                raise BackboneError(f"CLIP checkpoint {pretrained!r} (backbone.clip.pretrained) does not exist; "
-                                    "point it at a local open_clip checkpoint file, or use the tag 'openai'")
-            file, tag_cfg = pretrained, {}
+                raise BackboneError(f"open_clip checkpoint {pretrained!r} ({setting}) does not exist; "
+                                    "point it at a local open_clip checkpoint file, or use a pretrained tag")
+            file, tag_cfg = pretrained, _preprocess_beside(Path(pretrained))
         else:
-            found = clip_weights_file(cfg.clip_arch, pretrained)
+            found = clip_weights_file(arch, pretrained)
             if found.path is None:
                 raise BackboneError(found.missing_message())
             file, tag_cfg = str(found.path), found.preprocess
         try:
             # A local file, never a tag: open_clip would ask the hub first. The tag's own preprocessing is
             # passed on, so the model is configured exactly as create_model(arch, pretrained=tag) would be.
-            model = open_clip.create_model(cfg.clip_arch, pretrained=file, force_preprocess_cfg=tag_cfg, **kwargs)
+            model = open_clip.create_model(arch, pretrained=file, force_preprocess_cfg=tag_cfg, **kwargs)
         except Exception as e:  # a truncated file, or weights of another architecture
-            raise BackboneError(f"cannot load CLIP {cfg.clip_arch} weights from {file} ({type(e).__name__}: "
+            raise BackboneError(f"cannot load open_clip {arch} weights from {file} ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''}); delete it and fetch it again") from None
         src = pretrained
     visual = model.visual
     pp = dict(visual.preprocess_cfg)
     size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
     if cfg.preset != "tiny" and size != cfg.image_size:
-        raise BackboneError(f"CLIP {cfg.clip_arch} expects {size} px images but backbone.image_size is "
+        raise BackboneError(f"open_clip {arch} expects {size} px images but backbone.image_size is "
                             f"{cfg.image_size}; set backbone.image_size: {size}")
     resize_mode = "squash" if cfg.resize == "squash" else (pp.get("resize_mode") or "shortest")
-    clip_pp = {"resize_px": int(size), "crop_px": int(size), "resize_mode": resize_mode,
-               "interpolation": pp.get("interpolation") or "bicubic",
-               "mean": [float(m) for m in pp["mean"]], "std": [float(s) for s in pp["std"]]}
-    return visual, clip_pp, src
+    tower_pp = {"resize_px": int(size), "crop_px": int(size), "resize_mode": resize_mode,
+                "interpolation": pp.get("interpolation") or "bicubic",
+                "mean": [float(m) for m in pp["mean"]], "std": [float(s) for s in pp["std"]]}
+    return visual, tower_pp, src
 
 
 def _build_dino(cfg: BackboneConfig) -> tuple[nn.Module, dict[str, Any], str]:
@@ -400,6 +442,22 @@ def _hf_cached(repo_id: str, filename: str) -> Path | None:
     except ValueError:  # not a repo id (HFValidationError): nothing of it can be cached
         return None
     return Path(hit) if isinstance(hit, str) and os.path.isfile(hit) else None
+
+
+def _preprocess_beside(checkpoint: Path) -> dict[str, Any]:
+    """The preprocessing recorded next to a local open_clip checkpoint: a Hugging Face copy of an open_clip model
+    carries ``open_clip_config.json`` with its ``preprocess_cfg`` (SigLIP's mean/std 0.5 and squash differ from
+    CLIP's), which open_clip itself reads for ``hf-hub:`` models. Nothing there: open_clip's defaults for the arch."""
+    import json
+
+    beside = checkpoint.parent / "open_clip_config.json"
+    if not beside.is_file():
+        return {}
+    try:
+        pp = json.loads(beside.read_text()).get("preprocess_cfg") or {}
+    except (ValueError, AttributeError) as e:
+        raise BackboneError(f"{beside}: not an open_clip config ({type(e).__name__}); delete it or fetch it again") from None
+    return {k: pp[k] for k in ("mean", "std", "interpolation", "resize_mode") if pp.get(k) is not None}
 
 
 def _is_file_spec(pretrained: str) -> bool:
