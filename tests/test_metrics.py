@@ -286,6 +286,10 @@ def test_evaluate_tiny_hand_made_frame():
         "path_length_ratio": pytest.approx(50.0),
         "n_path_length_ratio": 1,
         "distinct_points": 2.0,  # s1: 3 points, s2: 1
+        # s1 in units of 0.01° (equal on both axes at the equator): truth 0, 1, 2 -> -1, 0, 1 from its mean
+        # (SST 2); prediction 0, 1, 100 -> -101/3, -98/3, 199/3; their difference -98/3, -98/3, 196/3
+        # (SSE 57624 / 9). s2 has no movement to reproduce.
+        "r2_in_drive": pytest.approx(1 - 57624 / 18, rel=1e-9),
         "dfd_km_right_city": pytest.approx(far_km),  # s2 is placed s2_km (> 25 km) away: left out
         "mrd_km_right_city": pytest.approx(far_km / 2),
         "n_right_city": 1,
@@ -295,7 +299,7 @@ def test_evaluate_tiny_hand_made_frame():
 def test_per_sequence_table():
     table = per_sequence(tiny_predictions())
     assert table.columns == ["sequence_id", "n_frames", "median_km", "video_error_km", "dfd_deg", "dfd_km", "mrd_deg", "mrd_km",
-                             "path_length_km", "true_path_length_km", "path_length_ratio", "distinct_points"]
+                             "path_length_km", "true_path_length_km", "path_length_ratio", "distinct_points", "r2_in_drive"]
     assert table["sequence_id"].to_list() == ["s1", "s2"]
     assert table["n_frames"].to_list() == [3, 1]
     assert table["median_km"][0] == 0.0
@@ -305,6 +309,7 @@ def test_per_sequence_table():
     assert table["true_path_length_km"].to_list() == pytest.approx([0.02 * KM_PER_DEG_LAT, 0.0])
     assert table["path_length_ratio"].to_list() == [pytest.approx(50.0), None]  # s2 did not move: no ratio
     assert table["distinct_points"].to_list() == [3, 1]
+    assert table["r2_in_drive"].to_list() == [pytest.approx(1 - 57624 / 18), None]
 
 
 def test_evaluate_length_one_sequences():
@@ -482,6 +487,27 @@ def test_sequences_that_do_not_move_are_left_out_of_the_path_length_median():
     parked_only = evaluate(df.filter(pl.col("sequence_id") == "b_parked"))["shape"]
     assert parked_only["path_length_ratio"] is None and parked_only["n_path_length_ratio"] == 0
     assert json.loads(json.dumps(parked_only)) == parked_only
+
+
+def test_r2_in_drive_scores_the_shape_alone():
+    """1 for the drive drawn anywhere, 0 for one point, below 0 for the drive run backwards or jitter."""
+    gt_lat, gt_lon = drive(21, 2.0)
+    far_lat, far_lon = offset_km(gt_lat, gt_lon, north_km=12.0, east_km=-7.0)
+    mid = len(gt_lat) // 2
+    noise = np.random.default_rng(0).normal(0.0, 1.0, (2, 21))
+    n_lat, n_lon = offset_km(gt_lat, gt_lon, north_km=noise[0], east_km=noise[1])
+    df = predictions_table(a_exact=(gt_lat, gt_lon, gt_lat, gt_lon), b_moved=(far_lat, far_lon, gt_lat, gt_lon),
+                           c_point=(np.full(21, gt_lat[mid]), np.full(21, gt_lon[mid]), gt_lat, gt_lon),
+                           d_reversed=(gt_lat[::-1], gt_lon[::-1], gt_lat, gt_lon),
+                           e_noisy=(n_lat, n_lon, gt_lat, gt_lon),
+                           f_parked=(np.full(5, 47.0), np.full(5, 8.0), np.full(5, 47.0), np.full(5, 8.0)))
+    r2 = dict(zip(*per_sequence(df).select("sequence_id", "r2_in_drive").to_dict(as_series=False).values()))
+    assert r2["a_exact"] == pytest.approx(1.0, abs=1e-12) and r2["b_moved"] == pytest.approx(1.0, abs=1e-5)  # 12 km north: the km per degree of longitude differs by ~1e-6
+    assert r2["c_point"] == pytest.approx(0.0, abs=1e-12)
+    assert r2["d_reversed"] == pytest.approx(-3.0, abs=1e-6)  # p = -t: SSE = 4 SST
+    assert r2["e_noisy"] < 0.0  # 1 km noise on a 2 km drive: more spurious movement than the drive has
+    assert r2["f_parked"] is None  # no movement to reproduce
+    assert evaluate(df)["shape"]["r2_in_drive"] == pytest.approx(np.median([v for v in r2.values() if v is not None]))
 
 
 def test_gallery_keys_only_with_a_gallery():

@@ -306,7 +306,8 @@ def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = E
 
     seq = per_sequence(pred, gallery)
     seq_p1 = per_sequence(phase1_df).select("sequence_id", phase1_median_km="median_km", phase1_dfd_km="dfd_km",
-                                            phase1_path_length_ratio="path_length_ratio", phase1_distinct_points="distinct_points")
+                                            phase1_path_length_ratio="path_length_ratio", phase1_distinct_points="distinct_points",
+                                            phase1_r2_in_drive="r2_in_drive")
     conf = pred.group_by("sequence_id").agg(mean_confidence=pl.col("confidence").mean())
     seq = seq.join(seq_p1, on="sequence_id", how="left").join(conf, on="sequence_id", how="left").sort("sequence_id")
 

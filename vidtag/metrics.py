@@ -451,6 +451,34 @@ def distinct_cells(seqs: Sequence, gallery_latlon, block: int = NN_BLOCK) -> np.
     return _segment_n_unique((cell,), seg, starts)
 
 
+def _segment_r2_in_drive(lat, lon, gt_lat, gt_lon, starts: np.ndarray, true_path_km: np.ndarray) -> np.ndarray:
+    """How much of the movement within each sequence the prediction reproduces -> (S,): 1 - SSE / SST.
+
+    Both tracks are taken as km offsets (equirectangular around the true track's mean, longitudes unwrapped)
+    from their own mean, so a drive drawn right but placed 10 km off still scores 1: it is the shape alone.
+    1 = the drive's movement recovered, 0 = one point (or any track uncorrelated with it, at no extra
+    spread), < 0 = movement that is not the drive's. NaN where the true path is shorter than MIN_TRUE_PATH_KM.
+    """
+    n = np.diff(np.append(starts, len(lat)))
+
+    def seg_mean(x):
+        return np.repeat(np.add.reduceat(x, starts) / n, n)
+
+    lat0, lon0 = seg_mean(gt_lat), gt_lon[np.repeat(starts, n)]  # longitudes unwrapped around each first truth
+    cos0 = np.cos(np.deg2rad(lat0))
+
+    def offsets(la, lo):
+        d_lon = (lo - lon0 + 180.0) % 360.0 - 180.0
+        xy = np.stack([(la - lat0) * KM_PER_DEG_LAT, d_lon * KM_PER_DEG_LAT * cos0], axis=1)
+        return xy - np.stack([seg_mean(xy[:, 0]), seg_mean(xy[:, 1])], axis=1)
+
+    p, t = offsets(lat, lon), offsets(gt_lat, gt_lon)
+    sse = np.add.reduceat(((p - t) ** 2).sum(1), starts)
+    sst = np.add.reduceat((t ** 2).sum(1), starts)
+    moving = true_path_km >= MIN_TRUE_PATH_KM
+    return np.divide(sst - sse, sst, out=np.full(len(starts), np.nan), where=moving & (sst > 0))
+
+
 def _mean_or_none(x: np.ndarray) -> float | None:
     return float(np.mean(x)) if x.size else None
 
@@ -462,6 +490,9 @@ def shape_summary(table: pl.DataFrame) -> dict:
       true path is shorter than ``MIN_TRUE_PATH_KM`` are left out, ``n_path_length_ratio`` counts the
       rest (None when there are none).
     - ``distinct_points``: mean number of distinct predicted points per sequence.
+    - ``r2_in_drive``: median over the same sequences of how much of the true movement within the
+      sequence the prediction reproduces (1 - SSE / SST of both tracks' offsets from their own means: 1 the
+      drive's shape, 0 a point, < 0 movement that is not the drive's).
     - ``distinct_true_cells``: mean number of distinct nearest gallery points under the true drive, and
       ``distinct_ratio`` = mean distinct_points / mean distinct_true_cells (only when the table has
       the ``distinct_true_cells`` column, i.e. a gallery was given).
@@ -475,6 +506,9 @@ def shape_summary(table: pl.DataFrame) -> dict:
         "n_path_length_ratio": int(ratio.size),
         "distinct_points": float(table["distinct_points"].mean()),
     }
+    if "r2_in_drive" in table.columns:
+        r2 = table["r2_in_drive"].drop_nulls().drop_nans().to_numpy()
+        out["r2_in_drive"] = float(np.median(r2)) if r2.size else None
     if "distinct_true_cells" in table.columns:
         true_cells = float(table["distinct_true_cells"].mean())
         out["distinct_true_cells"] = true_cells
@@ -577,6 +611,7 @@ def _sequence_table(df: pl.DataFrame, gallery: np.ndarray | None = None) -> tupl
         # null (not NaN) where the true path is too short for a ratio: written as an empty CSV cell
         "path_length_ratio": pl.Series(_path_ratio(path_km, true_path_km)).fill_nan(None),
         "distinct_points": _segment_n_unique((lat, lon), seg, starts),
+        "r2_in_drive": pl.Series(_segment_r2_in_drive(lat, lon, gt_lat, gt_lon, starts, true_path_km)).fill_nan(None),
     }
     if gallery is not None:
         cols["distinct_true_cells"] = _segment_n_unique((nearest_gallery_index(gt, gallery),), seg, starts)
@@ -596,9 +631,9 @@ def per_sequence(predictions: pl.DataFrame, gallery_latlon=None) -> pl.DataFrame
     """One row per sequence with ground truth.
 
     Columns: ``sequence_id, n_frames, median_km, video_error_km, dfd_deg, dfd_km, mrd_deg, mrd_km,
-    path_length_km, true_path_length_km, path_length_ratio, distinct_points`` and, when the gallery
+    path_length_km, true_path_length_km, path_length_ratio, distinct_points, r2_in_drive`` and, when the gallery
     (G, 2) (lat, lon) is given, ``distinct_true_cells`` (see :func:`shape_summary`).
-    ``path_length_ratio`` is null where the true path is shorter than ``MIN_TRUE_PATH_KM``.
+    ``path_length_ratio`` and ``r2_in_drive`` are null where the true path is shorter than ``MIN_TRUE_PATH_KM``.
     Only frames with ground truth count, in frame order; a sequence without any is left out.
     """
     gallery = _check_gallery(gallery_latlon)
@@ -643,7 +678,7 @@ def evaluate(predictions: pl.DataFrame, gallery_latlon=None, label_level: str = 
 
         {"frame": {"acc_0.1km", "acc_0.25km", "acc_0.5km", "acc_1km", "acc_5km", "acc_25km", "median_km"},
          "video": {same keys}, "trajectory": {"dfd_deg", "mrd_deg", "dfd_km", "mrd_km"},
-         "shape": {"path_length_ratio", "n_path_length_ratio", "distinct_points",
+         "shape": {"path_length_ratio", "n_path_length_ratio", "distinct_points", "r2_in_drive",
                    "distinct_true_cells", "distinct_ratio",   # only with gallery_latlon
                    "dfd_km_right_city", "mrd_km_right_city", "n_right_city"},
          "city": {"city", "state", ...},   # only the levels with both columns present
