@@ -70,6 +70,9 @@ class Experiment:
     needs_real_clip: bool = False  # GeoCLIP zero-shot: only on real CLIP ViT-L/14 features
 
 
+STAGES = ("final", "phase1", "final_viterbi", "phase1_viterbi")  # the answers of eval.json a row can report
+
+
 @dataclass(frozen=True)
 class Row:
     """One row of a paper table: which experiment it is and which of eval.json's answers it reports."""
@@ -77,7 +80,8 @@ class Row:
     table: str  # "Table 4", ...
     label: str  # the paper's row
     experiment: str | None  # Experiment.name; None: not available in this pipeline (``note`` says why)
-    stage: str = "final"  # "final" (Fig. 5's answer) | "phase1" (Fig. 5's first stage: the model without GeoRefiner)
+    stage: str = "final"  # STAGES: "final" (Fig. 5's answer) | "phase1" (Fig. 5's first stage: the model without
+    # GeoRefiner) | "final_viterbi" | "phase1_viterbi" (the same answers decoded over their top-K, eval.json's compare group)
     note: str = ""
 
 
@@ -95,6 +99,7 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("paper-t4-dino", ("phase1.model.frame.backbones=[dino]", "phase1.model.frame.tempgeo_layers=0")),
     Experiment("paper-t4-dino-tempgeo", ("phase1.model.frame.backbones=[dino]",)),
     Experiment("paper-t6-clip-siglip", ("backbone.dino.kind=open_clip",)),
+    Experiment("beyond-gallery-1km-refine", ("gallery.resolution_km=1.0", "eval.refine=true")),
     Experiment("paper-geoclip-finetune", ("phase1.kind=geoclip_finetune",)),
     Experiment("paper-geoclip-zero-shot", ("phase1.kind=geoclip_zero_shot",), needs_real_clip=True),
 )
@@ -119,6 +124,15 @@ ROWS: tuple[Row, ...] = (
     Row("Table 10", "4 frames", "paper-t10-seq-4"),
     Row("Table 10", "8 frames", "paper-t10-seq-8"),
     Row("Table 10", "16 frames", "paper-t10-seq-16"),
+    # Beyond the paper (App. L's own limits): temporal decoding over each frame's top-K, and local refinement
+    # that makes a coarse gallery precise (vidtag.decode, vidtag.refine).
+    Row("Beyond (App. L)", "Phase I, per-frame argmax", BASELINE, "phase1"),
+    Row("Beyond (App. L)", "Phase I + Viterbi", BASELINE, "phase1_viterbi"),
+    Row("Beyond (App. L)", "final, per-frame argmax", BASELINE),
+    Row("Beyond (App. L)", "final + Viterbi", BASELINE, "final_viterbi"),
+    Row("Beyond (App. L)", "gallery 1 km", "paper-t5-gallery-1km"),
+    Row("Beyond (App. L)", "gallery 1 km + local refinement", "beyond-gallery-1km-refine"),
+    Row("Beyond (App. L)", "gallery 0.1 km", "paper-t5-gallery-0.1km"),
 )
 
 
@@ -235,9 +249,13 @@ def _threshold(col: str) -> float:
 
 def stage_metrics(metrics: dict[str, Any], stage: str) -> dict[str, float]:
     """The numbers of one of eval.json's answers, flat: ``frame_acc_1km``, ``video_median_km``, ``dfd_km``,
-    ``shape_path_length_ratio``, ... (``stage`` "phase1": Fig. 5's first stage, eval.json's ``phase1`` group)."""
-    src = metrics if stage == "final" else (metrics.get("phase1") or {})
+    ``shape_path_length_ratio``, ... (``stage`` "phase1": Fig. 5's first stage, eval.json's ``phase1`` group;
+    "*_viterbi": that answer decoded, eval.json's ``compare.viterbi`` group, already flat)."""
     out: dict[str, float] = {}
+    decoder, answer = ("viterbi", stage.removesuffix("_viterbi")) if stage.endswith("_viterbi") else ("argmax", stage)
+    compared = ((metrics.get("compare") or {}).get(decoder) or {}).get(answer) or {}  # flat: frame_acc_1km, ...
+    out.update({k: float(v) for k, v in compared.items() if isinstance(v, (int, float))})  # the groups below agree
+    src = metrics if stage == "final" else (metrics.get("phase1") or {}) if stage == "phase1" else {}
     for group, prefix in (("frame", "frame_"), ("video", "video_"), ("trajectory", ""), ("shape", "shape_"),
                           ("city", "city_"), ("city_frame", "city_frame_")):
         values = src.get(group)
@@ -246,6 +264,8 @@ def stage_metrics(metrics: dict[str, Any], stage: str) -> dict[str, float]:
     for k in ("n_sequences", "n_frames"):
         if isinstance(metrics.get(k), (int, float)):
             out[k] = float(metrics[k])
+    if isinstance((metrics.get("cost") or {}).get("gallery_points"), (int, float)):
+        out["n_gallery_points"] = float(metrics["cost"]["gallery_points"])
     return out
 
 
@@ -316,7 +336,8 @@ def to_markdown(table: Sequence[dict[str, Any]]) -> str:
     spec = ([(c, f"frame acc@{km(c)}", 1) for c in frame_acc] + [("frame_median_km", "frame median (km)", 2)]
             + [(c, f"video acc@{km(c)}", 1) for c in video_acc] + [("video_median_km", "video median (km)", 2),
                ("dfd_km", "DFD (km)", 2), ("mrd_km", "MRD (km)", 2), ("shape_path_length_ratio", "path-length ratio", 2),
-               ("shape_r2_in_drive", "R2 in drive", 2), ("shape_distinct_points", "distinct points", 1)])
+               ("shape_r2_in_drive", "R2 in drive", 2), ("shape_distinct_points", "distinct points", 1),
+               ("frames_off_25km_pct", "frames > 25 km off (%)", 1), ("n_gallery_points", "gallery points", 0)])
     lines = ["# The paper's comparison rows on this pipeline's data", "",
              "Written by `make experiments` (pipeline/experiments.py) from `dvc exp show --json`; every number is in "
              "`metrics/experiments.csv` with the experiment that made it. *reads*: `final` is Fig. 5's answer, `phase1` "
@@ -325,7 +346,7 @@ def to_markdown(table: Sequence[dict[str, Any]]) -> str:
         lines += [f"## {name}", "", "| row | experiment | reads | " + " | ".join(h for _, h, _ in spec) + " | status |",
                   "|---|---|---|" + "---:|" * len(spec) + "---|"]
         for rec in (r for r in table if r["table"] == name):
-            status = rec["status"] + (f": {rec['note']}" if rec.get("note") and rec["status"] != "done" else "")
+            status = rec["status"] + (f": {rec['note']}" if rec.get("note") else "")
             cells = [_fmt(rec.get(c), d) for c, _, d in spec]
             lines.append(f"| {rec['row']} | {rec['experiment'] or '–'} | {rec['reads']} | " + " | ".join(cells) + f" | {status} |")
         lines.append("")

@@ -32,7 +32,10 @@ def eval_json(acc_1km: float, p1_acc_1km: float) -> dict:
                 "video": {"acc_1km": acc - 1, "acc_5km": 70.0, "median_km": 3.5},
                 "trajectory": {"dfd_km": 4.0, "mrd_km": 2.0, "dfd_deg": 0.04, "mrd_deg": 0.02},
                 "shape": {"path_length_ratio": 0.5, "distinct_points": 3.0}}
-    return {**groups(acc_1km), "phase1": groups(p1_acc_1km), "n_sequences": 12, "n_frames": 3642, "cost": {"gallery_points": 9}}
+    decoded = {"frame_acc_1km": acc_1km + 0.5, "dfd_km": 3.0, "frames_off_25km_pct": 1.5}  # compare.viterbi.*: flat
+    return {**groups(acc_1km), "phase1": groups(p1_acc_1km), "n_sequences": 12, "n_frames": 3642, "cost": {"gallery_points": 9},
+            "compare": {"viterbi": {"final": decoded, "phase1": {**decoded, "frame_acc_1km": p1_acc_1km + 0.5}},
+                        "argmax": {"final": {"frame_acc_1km": acc_1km, "frames_off_25km_pct": 2.5}}}}
 
 
 def rev(name: str, sha: str, params: dict, metrics: dict | None, code: dict = CODE, error=None) -> dict:
@@ -80,7 +83,7 @@ def test_every_experiment_of_a_row_exists_and_names_are_unique():
     names = [e.name for e in EXPERIMENTS]
     assert len(set(names)) == len(names) and names[0] == BASELINE  # the baseline runs first: the others start from it
     assert {r.experiment for r in ROWS if r.experiment} <= set(names)
-    assert {r.stage for r in ROWS} == {"final", "phase1"}
+    assert {r.stage for r in ROWS} == set(ex.STAGES)
     for e in EXPERIMENTS:  # every override parses, and names are valid git ref components for `dvc exp run -n`
         [ex.parse_override(o) for o in e.overrides]
         assert subprocess.run(["git", "check-ref-format", f"refs/exps/{e.name}"]).returncode == 0
@@ -112,7 +115,11 @@ def test_table_rows_report_the_answer_each_row_is(planned):
     assert full["experiment"] == no_refiner["experiment"] == BASELINE and full["rev"] == "c" * 7
     assert full["frame_acc_1km"] == 7.0 and no_refiner["frame_acc_1km"] == 14.0  # final vs Fig. 5's first stage
     assert full["video_acc_1km"] == 6.0 and full["dfd_km"] == 4.0 and full["shape_path_length_ratio"] == 0.5
-    assert full["n_sequences"] == 12 and "cost_gallery_points" not in full
+    assert full["n_sequences"] == 12 and full["n_gallery_points"] == 9.0 and "cost_gallery_points" not in full
+    decoded, p1_decoded = table[("Beyond (App. L)", "final + Viterbi")], table[("Beyond (App. L)", "Phase I + Viterbi")]
+    assert decoded["frame_acc_1km"] == 7.5 and decoded["frames_off_25km_pct"] == 1.5 and p1_decoded["frame_acc_1km"] == 14.5
+    assert "shape_path_length_ratio" not in decoded  # compare.viterbi holds no shape: nothing borrowed from argmax
+    assert full["frames_off_25km_pct"] == 2.5 and "frames_off_25km_pct" not in no_refiner  # from compare.argmax.final
     assert table[("Table 5", "gallery 1 km")]["frame_acc_1km"] == 5.0
     assert table[("Table 10", "4 frames")]["frame_acc_1km"] == 4.0
     assert table[("Table 10", "8 frames")]["status"] == "not run" and "frame_acc_1km" not in table[("Table 10", "8 frames")]
@@ -134,7 +141,8 @@ def test_table_rows_report_the_answer_each_row_is(planned):
 
     md = ex.to_markdown(list(table.values()))
     sections = [line for line in md.splitlines() if line.startswith("## ")]
-    assert sections == ["## Table 4", "## Tables 1-2", "## Table 5", "## Table 6", "## Table 7", "## Table 10"]
+    assert sections == ["## Table 4", "## Tables 1-2", "## Table 5", "## Table 6", "## Table 7", "## Table 10",
+                        "## Beyond (App. L)"]
     line = next(line for line in md.splitlines() if line.startswith("| CLIP + DINOv2 + TempGeo + GeoRefiner"))
     assert "| 3.5 | 7.0 | 80.0 | 100.0 | 3.00 |" in line  # frame acc@0.5/1/5/25 km, then the median
     assert "needs real CLIP ViT-L/14 features" in md and "frame acc@0.1 km" not in md
