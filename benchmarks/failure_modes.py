@@ -16,7 +16,7 @@ scale, floored at the gallery's spacing, dead zone of one scale) are scored agai
 accuracy at 1 km, median, DFD (km), the share of frames more than 25 km off, and ``recovered``: the share of
 corrupted frames whose answer lies within 1 km of the clean lattice's argmax again.
 
-After ``make demo`` (reads cache/model, cache/features.zarr, cache/manifest.parquet; the eval split):
+After ``make demo`` (reads cache/bundle: the evaluated model with its gallery, cache/features.zarr, cache/manifest.parquet; the eval split):
     .venv/bin/python benchmarks/failure_modes.py [--stage final|phase1] [--top-k 64] [--out metrics/failure_modes.json]
 Without a model (a smoke test on synthetic straight drives):
     .venv/bin/python benchmarks/failure_modes.py --synthetic
@@ -164,6 +164,8 @@ def model_lattice(args) -> tuple[Lattice, np.ndarray]:
     manifest = read_manifest(args.manifest).df
     features = load_features(args.features, expect_fingerprint=manifest_fingerprint(manifest))
     bundle = load_bundle(args.model, args.device)
+    if bundle.gallery_path is None:
+        raise SystemExit(f"{args.model} carries no gallery; give the evaluated bundle (cache/bundle), which does")
     rows = np.flatnonzero((manifest["split"] == args.split).to_numpy())
     m = manifest[rows]
     offsets, ids = offsets_from_sequence_ids(m["sequence_id"].to_list())
@@ -196,7 +198,7 @@ def lattice_from_located(found, stage: str, m: pl.DataFrame, logit_scale: float,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--synthetic", action="store_true", help="synthetic drives, no model (smoke test)")
-    ap.add_argument("--model", default="cache/model")
+    ap.add_argument("--model", default="cache/bundle", help="a model bundle that carries its gallery (stage `evaluate` writes it)")
     ap.add_argument("--features", default="cache/features.zarr")
     ap.add_argument("--manifest", default="cache/manifest.parquet")
     ap.add_argument("--split", default="val")
