@@ -243,15 +243,13 @@ def test_resize_is_part_of_the_fingerprint_and_crop_keeps_old_keys(tiny):
         BackboneConfig(preset="tiny", resize="stretch")
 
 
-def test_a_resize_change_reextracts_and_predict_uses_the_bundles(tmp_path):
+def three_frame_manifest(tmp_path):
+    """A one-sequence manifest of three 60x36 PNG frames under tmp_path/f, and an in-process extraction config."""
     import polars as pl
 
-    from test_inference import grid, tiny_bundle
     from vidtag.data.manifest import write_manifest
-    from vidtag.errors import FeatureStoreError
-    from vidtag.features.extract import ExtractConfig, extract_features
-    from vidtag.features.store import StoreLayout, load_features
-    from vidtag.predict import backbones_for_bundle
+    from vidtag.features.extract import ExtractConfig
+    from vidtag.features.store import StoreLayout
 
     (tmp_path / "f").mkdir()
     for t in range(3):
@@ -259,7 +257,17 @@ def test_a_resize_change_reextracts_and_predict_uses_the_bundles(tmp_path):
     df = pl.DataFrame({"sequence_id": ["s"] * 3, "frame_index": [0, 1, 2], "image_path": [f"{t}.png" for t in range(3)],
                        "lat": [1.0] * 3, "lon": [2.0] * 3, "split": ["train"] * 3}, schema_overrides={"frame_index": pl.Int32})
     m = write_manifest(df, tmp_path / "m.parquet", tmp_path / "f")
-    run = ExtractConfig(batch_size=3, num_workers=0, device="cpu", layout=StoreLayout(shard_rows=4, chunk_rows=4))
+    return m, ExtractConfig(batch_size=3, num_workers=0, device="cpu", layout=StoreLayout(shard_rows=4, chunk_rows=4))
+
+
+def test_a_resize_change_reextracts_and_predict_uses_the_bundles(tmp_path):
+    from test_inference import grid, tiny_bundle
+    from vidtag.errors import FeatureStoreError
+    from vidtag.features.extract import extract_features
+    from vidtag.features.store import load_features
+    from vidtag.predict import backbones_for_bundle
+
+    m, run = three_frame_manifest(tmp_path)
     crop_cfg, squash_cfg = BackboneConfig(preset="tiny", image_size=32), BackboneConfig(preset="tiny", image_size=32, resize="squash")
     extract_features(m, tmp_path / "s.zarr", crop_cfg, run, progress=False)
     with pytest.raises(FeatureStoreError, match="backbones.config.resize.*differ|differ.*resize"):

@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import polars as pl
 import pytest
 import torch
 from PIL import Image
@@ -98,17 +97,11 @@ def test_a_missing_second_checkpoint_names_the_setting(tmp_path, local_checkpoin
 
 
 def test_extraction_with_siglip_in_the_second_slot_records_it(tmp_path):
-    from vidtag.data.manifest import write_manifest
-    from vidtag.features.extract import ExtractConfig, extract_features
-    from vidtag.features.store import StoreLayout, load_features
+    from test_backbones import three_frame_manifest
+    from vidtag.features.extract import extract_features
+    from vidtag.features.store import load_features
 
-    (tmp_path / "f").mkdir()
-    for t in range(3):
-        _image(36, 60, seed=t).save(tmp_path / "f" / f"{t}.png")
-    df = pl.DataFrame({"sequence_id": ["s"] * 3, "frame_index": [0, 1, 2], "image_path": [f"{t}.png" for t in range(3)],
-                       "lat": [1.0] * 3, "lon": [2.0] * 3, "split": ["train"] * 3}, schema_overrides={"frame_index": pl.Int32})
-    m = write_manifest(df, tmp_path / "m.parquet", tmp_path / "f")
-    run = ExtractConfig(batch_size=3, num_workers=0, device="cpu", layout=StoreLayout(shard_rows=4, chunk_rows=4))
+    m, run = three_frame_manifest(tmp_path)
     extract_features(m, tmp_path / "s.zarr", TINY_SIGLIP, run, progress=False)
     store = load_features(tmp_path / "s.zarr")
     assert store.attrs["backbones"]["config"]["dino_kind"] == "open_clip" and np.asarray(store.dino).shape == (3, 48)
