@@ -28,6 +28,16 @@ def ingest(source: str, root: str | os.PathLike, out: str | os.PathLike, *, val_
     in the skip report (Sec. 4.1). None keeps the reader's own rule: MSLS's is the paper's 16 frames, the
     other readers keep every sequence. MSLS applies it before drawing its split; other sources after.
     """
+    df, skipped, root = read_source(source, root, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad,
+                                    allow_outside_root=allow_outside_root, options=options, min_frames=min_frames)
+    return write_manifest(df, out, root, source=source, skipped=skipped, allow_outside_root=allow_outside_root)
+
+
+def read_source(source: str, root: str | os.PathLike, *, val_fraction: float = 0.2, seed: int = 0, skip_bad: bool = False,
+                allow_outside_root: bool = False, options: dict[str, Any] | None = None,
+                min_frames: int | None = None) -> tuple[pl.DataFrame, pl.DataFrame, Path]:
+    """What :func:`ingest` writes, unwritten: ``(rows, skip report, root)`` of one source (the root can change:
+    the video reader's common folder). Several sources in one manifest (App. H) read each one with it."""
     opts = dict(options or {})
     if min_frames is not None:
         check_min_frames(min_frames)
@@ -72,7 +82,7 @@ def ingest(source: str, root: str | os.PathLike, out: str | os.PathLike, *, val_
         raise ConfigError(f"data source must be one of {SOURCES}, got {source!r}")
     if min_frames is not None and source != "msls":
         df, skipped = _drop_short(df, skipped, min_frames, root)
-    return write_manifest(df, out, root, source=source, skipped=skipped, allow_outside_root=allow_outside_root)
+    return df, skipped, root
 
 
 def _drop_short(df: pl.DataFrame, skipped: pl.DataFrame, min_frames: int, root) -> tuple[pl.DataFrame, pl.DataFrame]:

@@ -38,6 +38,7 @@ MANIFEST_COLUMNS: dict[str, pl.DataType] = {
     "state": pl.String(),
     "country": pl.String(),
     "continent": pl.String(),
+    "dataset": pl.String(),  # which dataset a frame comes from, in a manifest of several (App. H's unified model)
 }
 REQUIRED_COLUMNS = ("sequence_id", "frame_index", "lat", "lon", "split")
 LABEL_COLUMNS = ("city", "state", "country", "continent")
