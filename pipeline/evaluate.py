@@ -3,7 +3,8 @@ plots, and the model packed with the gallery it was evaluated on (the bundle `vi
 
 Training never reads the gallery (it validates against the validation frames' own GPS, App. D.2), so a new
 gallery (Table 5's resolutions, a worldwide grid) re-runs `gallery` and this stage only. A model without a GeoRefiner
-(``phase1.kind`` GeoCLIP, App. F) is evaluated as Fig. 5's first stage alone: its final answer is Phase I's."""
+(``phase1.kind`` GeoCLIP, App. F) is evaluated as Fig. 5's first stage alone: its final answer is Phase I's.
+A manifest of several datasets (App. H) adds ``datasets.<name>`` to the metrics: each dataset against its own gallery."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from pipeline.common import load_params, pick, run_stage
 from vidtag.data.manifest import manifest_fingerprint, read_manifest
 from vidtag.device import resolve_device
-from vidtag.evaluation import EvalConfig, EvalRuntime, run_evaluation, summary, write_reports
+from vidtag.evaluation import EvalConfig, EvalRuntime, run_dataset_evaluations, run_evaluation, summary, write_reports
 from vidtag.features.store import load_features
 from vidtag.models.bundle import load_bundle, save_bundle
 from vidtag.models.geoclip_head import clip_features_only
@@ -45,10 +46,18 @@ def main() -> None:
         features = clip_features_only(features)
     result = run_evaluation(bundle, features, manifest, cfg, runtime=runtime, cache_dir=args.cache_dir, progress=True,
                             gallery_path=args.gallery)
+    # A manifest of several datasets (App. H): each one also scored alone against its own gallery (Tables 12-13),
+    # under metrics `datasets.<name>`; the top level stays the pooled run over the whole gallery file.
+    per_dataset = run_dataset_evaluations(bundle, features, manifest, cfg, runtime=runtime, cache_dir=args.cache_dir,
+                                          gallery_path=args.gallery)
+    if per_dataset:
+        result.metrics["datasets"] = {name: r.metrics for name, r in per_dataset.items()}
     save_bundle(args.bundle, dataclasses.replace(bundle, gallery_path=Path(args.gallery)))
     maps = write_reports(result, predictions=args.predictions, metrics=args.metrics, per_sequence_csv=args.per_sequence,
                          plots_dir=args.plots, n_maps=cfg.n_maps)
     print(summary(result.metrics))
+    for name, r in per_dataset.items():
+        print(f"--- {name} (its own gallery: {r.metrics['cost']['gallery_points']} points)\n{summary(r.metrics)}")
     print("cost: " + " ".join(f"{k}={v}" for k, v in result.timing.items()))
     print(f"wrote {args.predictions}, {args.metrics}, {args.per_sequence}, {args.plots} ({len(maps)} maps), {args.bundle}")
 

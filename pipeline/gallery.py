@@ -1,5 +1,6 @@
 """`gallery` stage: params ``gallery`` + the manifest's training split -> the GPS gallery parquet
-(``kind: world`` needs no manifest rows: a land-only grid over the Earth)."""
+(``kind: world`` needs no manifest rows: a land-only grid over the Earth). ``gallery.datasets`` (name -> settings over
+the others) builds each dataset's own gallery of a manifest of several (App. H) into one file (vidtag.dataset_gallery)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ def main() -> None:
     args = ap.parse_args()
     g = dict(load_params("gallery")["gallery"])
     m = read_manifest(args.manifest)
+    if g.get("datasets") is not None:  # a manifest of several datasets (App. H): each dataset's own gallery, one file
+        from vidtag.dataset_gallery import build_dataset_galleries
+
+        per = g.pop("datasets")
+        df, meta = build_dataset_galleries(m.df, per, g, manifest_fingerprint(m.df))
+        write_gallery(df, meta, args.out)
+        print(f"gallery: {df.height} points, " + ", ".join(f"{k}: {v['kind']} {v['n_points']}" for k, v in meta["datasets"].items()))
+        return
+    g.pop("datasets", None)
     kind = g.pop("kind", "grid")
     if "splits" in g:
         g["splits"] = tuple(g["splits"])

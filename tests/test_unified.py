@@ -154,3 +154,79 @@ def test_prepare_stage_reads_data_sources(three, tmp_path):
     assert "App. H training split" in r.stdout and "gama" in r.stdout
     direct, _ = ingest_sources(three.entries, tmp_path / "direct.parquet", val_fraction=0.25, seed=3)
     assert read_manifest(out).df.equals(direct.df)
+
+
+# --- evaluation: each dataset against its own gallery (Tables 12-13) ---------------------------------------------
+
+PARIS, LONDON = (48.8566, 2.3522), (51.5074, -0.1278)
+
+
+def _eval_world(tmp_path):
+    """A manifest of two datasets: ``msls`` (drives in Paris, 100 m steps) and ``cityguessr`` (videos labelled
+    with the Paris or London city centre, Sec. 5.3); a bundle whose frame embedding is the truth's location
+    embedding; and the gallery stage's file of both datasets' galleries (a 0.1 km grid, the city centres)."""
+    from vidtag.geo import offset_km
+
+    rows = []
+    for d, split in ((0, "train"), (1, "train"), (2, "val"), (3, "val")):
+        lat, lon = offset_km(*PARIS, 0.3 * d - 0.5, 0.1 * np.arange(8) - 0.4)
+        rows += [dict(sequence_id=f"msls/d{d}", frame_index=i, lat=float(lat), lon=float(b), split=split, dataset="msls",
+                      city="paris") for i, b in enumerate(np.atleast_1d(lon))]
+    for v, (city, (lat, lon), split) in enumerate((("0", PARIS, "train"), ("1", LONDON, "train"),
+                                                   ("0", PARIS, "val"), ("1", LONDON, "val"))):
+        rows += [dict(sequence_id=f"cityguessr/v{v}", frame_index=i, lat=lat, lon=lon, split=split, dataset="cityguessr",
+                      city=city, state=f"s{city}", country=f"c{city}", continent="europe") for i in range(4)]
+    manifest = pl.DataFrame(rows).with_columns(pl.col("frame_index").cast(pl.Int32))
+    enc = SmoothEncoder(wavelength_km=(0.5, 2.0))
+    clip = embed(enc, manifest.select("lat", "lon").to_numpy()).numpy().astype(np.float16)
+    features = SimpleNamespace(clip=clip, dino=np.zeros((len(clip), 1), np.float16), valid=np.ones(len(clip), bool))
+    bundle = SimpleNamespace(frame_encoder=QueryIsFeature(clip.shape[1]), location_encoder=enc, refiner=KeepFrame(),
+                             logit_scale=torch.tensor(math.log(100.0)), gallery_path=None)
+    from vidtag.dataset_gallery import build_dataset_galleries
+    from vidtag.gallery import write_gallery
+
+    gal, meta = build_dataset_galleries(manifest, {"msls": {"kind": "grid", "resolution_km": 0.1},
+                                                   "cityguessr": {"kind": "city_centres"}}, {"padding_km": 0.5})
+    write_gallery(gal, meta, tmp_path / "gallery.parquet")
+    return manifest, features, bundle, tmp_path / "gallery.parquet"
+
+
+def test_each_dataset_is_scored_against_its_own_gallery(tmp_path):
+    from vidtag.dataset_gallery import dataset_gallery, gallery_datasets
+    from vidtag.evaluation import EvalConfig, EvalRuntime, run_dataset_evaluations, run_evaluation
+    from vidtag.gallery import read_gallery, write_gallery
+
+    manifest, features, bundle, gpath = _eval_world(tmp_path)
+    gal, meta = read_gallery(gpath)
+    assert gallery_datasets(meta) == ["msls", "cityguessr"]
+    grid, grid_meta = dataset_gallery(gal, meta, "msls")
+    centres, centres_meta = dataset_gallery(gal, meta, "cityguessr")
+    assert grid_meta["kind"] == "grid" and "label" not in grid.columns and grid.height > 100
+    assert centres_meta["kind"] == "city_centres" and sorted(centres["label"]) == ["0", "1"]
+
+    run = dict(runtime=EvalRuntime(device="cpu"), cache_dir=tmp_path / "emb", gallery_path=gpath)
+    per = run_dataset_evaluations(bundle, features, manifest, EvalConfig(), **run)
+    assert list(per) == ["msls", "cityguessr"]
+    ms, cg = per["msls"].metrics, per["cityguessr"].metrics
+    assert ms["cost"]["gallery_points"] == grid.height and cg["cost"]["gallery_points"] == 2
+    assert ms["n_frames"] == 16 and cg["n_frames"] == 8
+    assert ms["frame"]["acc_0.5km"] == 100.0 and ms["frame"]["median_km"] < 0.1  # a 0.1 km grid answers within 71 m
+    assert {"dfd_km", "mrd_km"} <= set(ms["trajectory"]) and "city_frame" not in ms
+    # CityGuessr68k: retrieved among city centres only, so city / state / country / continent accuracy (Table 13).
+    assert cg["city_frame"] == {"city": 100.0, "state": 100.0, "country": 100.0, "continent": 100.0}
+    assert set(per["cityguessr"].predictions.select("lat", "lon").unique().rows()) == {PARIS, LONDON}
+    # The same numbers as evaluating that dataset alone with its part as the gallery file.
+    for name, (part, part_meta) in (("msls", (grid, grid_meta)), ("cityguessr", (centres, centres_meta))):
+        write_gallery(part, part_meta, tmp_path / f"{name}.parquet")
+        alone = manifest.filter(pl.col("dataset") == name).drop("dataset")
+        keep = (manifest["dataset"] == name).to_numpy()
+        feats = SimpleNamespace(clip=features.clip[keep], dino=features.dino[keep], valid=features.valid[keep])
+        single = run_evaluation(bundle, feats, alone, EvalConfig(), **{**run, "gallery_path": tmp_path / f"{name}.parquet"})
+        assert single.metrics == per[name].metrics
+        assert single.predictions.drop([c for c in single.predictions.columns if c.startswith("pred_")]).equals(
+            per[name].predictions.drop([c for c in per[name].predictions.columns if c.startswith("pred_")]))
+    # The pooled run (the top level of metrics/eval.json) answers from the whole file and scores no labels.
+    pooled = run_evaluation(bundle, features, manifest, EvalConfig(), **run).metrics
+    assert pooled["n_frames"] == 24 and pooled["cost"]["gallery_points"] == gal.height and "city_frame" not in pooled
+    # A manifest of one dataset has no per-dataset results.
+    assert run_dataset_evaluations(bundle, features, manifest.drop("dataset"), EvalConfig(), **run) == {}

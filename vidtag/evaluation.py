@@ -143,6 +143,8 @@ class LabelPredictor:
     def build(cls, gallery: pl.DataFrame, meta: dict, manifest: pl.DataFrame) -> "LabelPredictor | None":
         """None when there is nothing to score: no ``label`` in the gallery or no such column in the manifest."""
         level = meta.get("region_column") or "city"
+        if meta.get("kind") == "datasets":  # several datasets' galleries in one (App. H): labels are scored per dataset
+            return None
         if "label" not in gallery.columns or level not in LABEL_LEVELS or level not in manifest.columns:
             return None
         lat, lon = (gallery[c].cast(pl.Float64).to_numpy() for c in ("lat", "lon"))
@@ -235,14 +237,24 @@ def _compare(found: Located, gallery, valid, offsets, ids, m: pl.DataFrame, deco
 
 def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = EvalConfig(), *,
                    runtime: EvalRuntime = EvalRuntime(), cache_dir: str | Path | None = None, progress: bool = False,
-                   gallery_path: str | Path | None = None) -> EvalResult:
+                   gallery_path: str | Path | None = None, dataset: str | None = None) -> EvalResult:
     """Predict every frame of ``cfg.split`` and score it; ``features`` row i is manifest row i. The gallery is
     ``gallery_path`` when given (any gallery file: Table 5's resolutions, App. D.2's validation set), else the
-    bundle's own."""
+    bundle's own. ``dataset`` (a manifest of several, App. H): only that dataset's frames, retrieved from its own
+    part of the gallery (:mod:`vidtag.dataset_gallery`), its decoder scale and label hierarchy from its own rows."""
     if features.clip.shape[0] != manifest.height:
         raise EvaluationError(f"feature store has {features.clip.shape[0]} rows but the manifest {manifest.height}; "
                               "extract features for this manifest")
-    rows = np.flatnonzero((manifest["split"] == cfg.split).to_numpy())
+    in_split = manifest["split"] == cfg.split
+    scope = manifest  # the rows this evaluation draws its training statistics from: one dataset's, or all
+    if dataset is not None:
+        if "dataset" not in manifest.columns:
+            raise EvaluationError(f"dataset {dataset!r} asked for, but the manifest has one dataset (no 'dataset' column)")
+        in_split = in_split & (manifest["dataset"] == dataset).fill_null(False)
+        scope = manifest.filter(pl.col("dataset") == dataset)
+    rows = np.flatnonzero(in_split.to_numpy())
+    if rows.size == 0 and dataset is not None:
+        raise EvaluationError(f"dataset {dataset!r} has no frames in split {cfg.split!r}")
     if rows.size == 0:
         splits = sorted(manifest["split"].unique().to_list())
         raise EvaluationError(f"the manifest has no frames in split {cfg.split!r}; it has {splits}; set eval.split")
@@ -254,11 +266,15 @@ def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = E
     if gallery_path is None:
         raise EvaluationError("the model bundle carries no gallery; give the evaluation one (`--gallery FILE`)")
     gal_df, gal_meta = read_gallery(gallery_path)
+    if dataset is not None:
+        from vidtag.dataset_gallery import dataset_gallery
+
+        gal_df, gal_meta = dataset_gallery(gal_df, gal_meta, dataset)
     gallery = gallery_latlon(gal_df, gallery_path)
 
     # Temporal decoding: timestamps where the manifest has them, else the training tracks' step scale.
     ts = split_timestamps(m)
-    step_km = train_step_km(manifest)
+    step_km = train_step_km(scope)
     can_decode = step_km is not None or (ts is not None and not np.isnan(ts).any())
     if cfg.decode == "viterbi" and not can_decode:
         raise EvaluationError("eval.decode=viterbi needs frame timestamps (manifest timestamp_s) or training tracks "
@@ -275,7 +291,7 @@ def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = E
     pred, n_unpredicted = _with_truth(frame_table(found, gallery, valid, offsets, ids, decoded=cfg.decode == "viterbi"), m, gallery)
     # Labelled galleries (CityGuessr68k's city centres): each frame's predicted city and, from the manifest's
     # hierarchy, its state, country and continent (Table 3).
-    labels = LabelPredictor.build(gal_df, gal_meta, manifest)
+    labels = LabelPredictor.build(gal_df, gal_meta, scope)
     if labels is not None:
         pred = pred.with_columns(*labels.columns(pred["lat"].to_numpy(), pred["lon"].to_numpy()))
     cols = ["sequence_id", "frame_index", "lat", "lon", "gt_lat", "gt_lon", "phase1_lat", "phase1_lon", "confidence", "valid"]
@@ -319,6 +335,21 @@ def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = E
     }
     plots = {"error_cdf": error_cdf(errors), "accuracy": accuracy_by_threshold(errors)}
     return EvalResult(pred, metrics, seq, plots, timing)
+
+
+def manifest_datasets(manifest: pl.DataFrame, split: str) -> list[str]:
+    """The datasets of a manifest of several (App. H) with frames in ``split``, in manifest order; [] for one dataset."""
+    if "dataset" not in manifest.columns:
+        return []
+    names = manifest.filter(pl.col("split") == split)["dataset"].drop_nulls()
+    return names.unique(maintain_order=True).to_list()
+
+
+def run_dataset_evaluations(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = EvalConfig(), **kw) -> dict[str, EvalResult]:
+    """Each dataset of a manifest of several scored on its own, against its own gallery (App. H, Tables 12-13:
+    MSLS and GAMa on their GPS grids, CityGuessr68k on its city centres); keyword arguments as :func:`run_evaluation`."""
+    return {name: run_evaluation(bundle, features, manifest, cfg, dataset=name, **kw)
+            for name in manifest_datasets(manifest, cfg.split)}
 
 
 def map_sample(sequence_ids: list[str], n: int) -> list[str]:
