@@ -145,7 +145,7 @@ def test_same_source_twice_needs_names_and_bad_entries_are_one_line(tmp_path):
 
 def test_prepare_stage_reads_data_sources(three, tmp_path):
     params = {"seed": 3, "data": {"sources": three.entries, "val_fraction": 0.25}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = tmp_path / "manifest.parquet"
     r = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--out", str(out), "--generated", str(tmp_path / "gen")],
                        cwd=tmp_path, capture_output=True, text=True,
@@ -154,6 +154,25 @@ def test_prepare_stage_reads_data_sources(three, tmp_path):
     assert "App. H training split" in r.stdout and "gama" in r.stdout
     direct, _ = ingest_sources(three.entries, tmp_path / "direct.parquet", val_fraction=0.25, seed=3)
     assert read_manifest(out).df.equals(direct.df)
+    # The gallery stage: each dataset's own gallery in one file, as params/unified.yaml asks for it.
+    unified = yaml.safe_load(open(os.path.join(os.getcwd(), "params", "unified.yaml")))
+    params["gallery"] = {**unified["gallery"], "datasets": {**unified["gallery"]["datasets"], "msls": {"kind": "grid", "resolution_km": 0.5},
+                                                            "gama": {"kind": "grid", "resolution_km": 1.0}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    r = subprocess.run([sys.executable, "-m", "pipeline.gallery", "--manifest", str(out), "--out", str(tmp_path / "g.parquet")],
+                       cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    from vidtag.dataset_gallery import dataset_gallery, gallery_datasets
+    from vidtag.gallery import read_gallery
+
+    gal, meta = read_gallery(tmp_path / "g.parquet")
+    assert gallery_datasets(meta) == ["msls", "gama", "cityguessr"]  # params order
+    centres, cmeta = dataset_gallery(gal, meta, "cityguessr")
+    assert cmeta["kind"] == "city_centres" and sorted(centres["label"]) == ["0", "1", "2"]  # Helsinki too (its val video)
+    for name in ("msls", "gama"):
+        part, pmeta = dataset_gallery(gal, meta, name)
+        assert pmeta["kind"] == "grid" and "label" not in part.columns and part.height > 0
 
 
 # --- evaluation: each dataset against its own gallery (Tables 12-13) ---------------------------------------------
