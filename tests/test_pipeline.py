@@ -60,8 +60,19 @@ def test_params_files_build_every_stage_config(path):
     GeoRefinerConfig(**(p2.pop("refiner", {}) or {}))
     build_config(Phase2Config, p2)
     EvalConfig(**params["eval"])
-    assert params["data"]["source"] in {"toy", "msls", "bdd", "cityguessr", "frames", "video"}
-    assert params["gallery"]["kind"] in {"grid", "city_centres", "geoclip100k"}
+    readers = {"toy", "msls", "bdd", "cityguessr", "frames", "video"}
+    galleries = {"grid", "city_centres", "geoclip100k"}
+    if "sources" in params["data"]:  # several datasets in one manifest (App. H): each entry is one reader's
+        from vidtag.data.unified import parse_sources
+
+        specs = parse_sources(params["data"]["sources"])
+        assert {spec.source for spec in specs} <= readers
+        parts = params["gallery"]["datasets"]  # each dataset scored against its own gallery
+        assert set(parts) == {spec.name for spec in specs}
+        assert {part.get("kind", "grid") for part in parts.values()} <= galleries
+    else:
+        assert params["data"]["source"] in readers
+        assert params["gallery"]["kind"] in galleries
 
 
 @pytest.mark.slow
