@@ -11,10 +11,12 @@ from typing import Any
 
 import yaml
 
+from vidtag.cpu_kernels import pin_cpu_kernels
 from vidtag.errors import VidtagError
 from vidtag.threads import passive_openmp, set_threads
 
 passive_openmp()  # before any stage imports torch
+pin_cpu_kernels()  # the same float results on every x86-64 CPU with AVX2 (vidtag.cpu_kernels)
 
 PARAMS_FILE = Path(os.environ.get("VIDTAG_PARAMS", "params.yaml"))
 
