@@ -1,9 +1,11 @@
 """GeoCLIPHead: parity with geoclip's own image MLP, and zero-shot top-k equal to geoclip's forward.
 
-geoclip's model is built as ``GeoCLIP(from_pretrained=True, clip_pretrained=False)``: shipped MLP, location
-encoder and logit scale, CLIP ViT-L/14 architecture with no weights fetched. Its random CLIP initialisation is
-skipped (transformers' ``no_init_weights``): the tower is replaced by an identity on features below anyway,
-and initialising 400M parameters would take most of the time budget.
+geoclip's model is built with its shipped MLP, location encoder and logit scale and no CLIP weights fetched:
+``GeoCLIP(from_pretrained=True, clip_pretrained=False)`` where the installed geoclip has that switch (CLIP
+ViT-L/14 architecture, random CLIP initialisation skipped with transformers' ``no_init_weights``); where it
+does not (PyPI's geoclip 1.2.1 always fetches ``openai/clip-vit-large-patch14`` from the hub), its image
+encoder's two hub calls are answered locally with the stand-in tower below. Either way the CLIP tower is
+replaced by an identity on features, so what is compared is geoclip's own MLP, normalisation and logits.
 """
 
 import contextlib
@@ -31,14 +33,24 @@ class _FeaturesAsPixels(nn.Module):
 
 @pytest.fixture(scope="module")
 def ref():
+    import inspect
+    from unittest import mock
+
     from geoclip import GeoCLIP
 
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers: a slower random init, same model
-        no_init_weights = contextlib.nullcontext
-    with no_init_weights():
-        model = GeoCLIP(from_pretrained=True, clip_pretrained=False)
+    if "clip_pretrained" in inspect.signature(GeoCLIP.__init__).parameters:
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # older transformers: a slower random init, same model
+            no_init_weights = contextlib.nullcontext
+        with no_init_weights():
+            model = GeoCLIP(from_pretrained=True, clip_pretrained=False)
+    else:  # this geoclip fetches CLIP from the hub, which is unreachable: its two hub calls answered locally
+        import geoclip.model.image_encoder as image_encoder
+
+        with mock.patch.object(image_encoder.CLIPModel, "from_pretrained", lambda *a, **k: _FeaturesAsPixels()), \
+                mock.patch.object(image_encoder.AutoProcessor, "from_pretrained", lambda *a, **k: None):
+            model = GeoCLIP(from_pretrained=True)
     model.image_encoder.CLIP = _FeaturesAsPixels()
     return model.eval()
 
