@@ -17,10 +17,11 @@ REPO = Path(__file__).resolve().parent.parent
 needs_avx2 = pytest.mark.skipif(not cpu_has_avx2(), reason="pinning applies to x86-64 CPUs with AVX2 only")
 
 
-def _stage_environment(**env: str) -> dict:
-    """What a stage process sees once pipeline.common is imported, and the kernels torch then runs."""
+def _stage_environment(first: str = "", **env: str) -> dict:
+    """What a stage process sees once pipeline.common is imported (after the modules ``first``, if any), and the
+    kernels torch then runs."""
     clean = {k: v for k, v in os.environ.items() if k not in PINNED_KERNELS and k != OFF_SWITCH}
-    code = ("import json, os, sys, pipeline.common\n"
+    code = (f"import json, os, sys{first}\nimport pipeline.common\n"
             "loaded = 'torch' in sys.modules\n"
             "import torch\n"
             f"print(json.dumps({{'loaded_before': loaded, 'capability': torch.backends.cpu.get_cpu_capability(), "
@@ -45,6 +46,13 @@ def test_a_users_own_choice_is_kept_and_the_off_switch_pins_nothing():
     assert seen["env"]["MKL_CBWR"] == PINNED_KERNELS["MKL_CBWR"]
     off = _stage_environment(**{OFF_SWITCH: "0"})
     assert all(v is None for v in off["env"].values())
+
+
+@needs_avx2
+def test_nothing_is_pinned_once_numpy_is_loaded():
+    """OpenBLAS has read its variables by then: pinning the others would leave a half-pinned process."""
+    seen = _stage_environment(first=", numpy")
+    assert all(v is None for v in seen["env"].values())
 
 
 def test_nothing_is_pinned_once_torch_is_loaded(monkeypatch):

@@ -33,6 +33,7 @@ PINNED_KERNELS = {
     "FAISS_OPT_LEVEL": "AVX2",  # FAISS's AVX2 library where the wheel ships one (it falls back to its generic one)
 }
 OFF_SWITCH = "VIDTAG_PIN_CPU_KERNELS"
+READ_AT_LOAD = ("torch", "numpy", "faiss")  # the modules whose libraries read these variables once, when they load
 
 
 def cpu_has_avx2(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
@@ -49,11 +50,11 @@ def cpu_has_avx2(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 def pin_cpu_kernels(has_avx2: bool | None = None) -> dict[str, str]:
     """Hold ATen, MKL, oneDNN, OpenBLAS and FAISS to their AVX2 paths (module docstring); returns what was set.
 
-    Nothing is set when ``VIDTAG_PIN_CPU_KERNELS=0``, on a CPU without AVX2, or once torch is imported (the
-    libraries have chosen by then, and a half-pinned process would only mislead)."""
+    Nothing is set when ``VIDTAG_PIN_CPU_KERNELS=0``, on a CPU without AVX2, or once torch, numpy or FAISS is
+    imported (their libraries have chosen by then, and a half-pinned process would only mislead)."""
     if os.environ.get(OFF_SWITCH, "1").strip() in ("0", "false", "no", "off"):
         return {}
-    if "torch" in sys.modules or not (cpu_has_avx2() if has_avx2 is None else has_avx2):
+    if any(m in sys.modules for m in READ_AT_LOAD) or not (cpu_has_avx2() if has_avx2 is None else has_avx2):
         return {}
     chosen = {}
     for var, value in PINNED_KERNELS.items():
