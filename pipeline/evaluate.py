@@ -52,7 +52,10 @@ def main() -> None:
                                           gallery_path=args.gallery)
     if per_dataset:
         result.metrics["datasets"] = {name: r.metrics for name, r in per_dataset.items()}
-    save_bundle(args.bundle, dataclasses.replace(bundle, gallery_path=Path(args.gallery)))
+    # the evaluated settings travel with the model: `vidtag predict --model <bundle>` answers as this evaluation did
+    inference = {"expert_weight": cfg.expert_weight if bundle.expert is not None else 0.0, "smooth_frames": cfg.smooth_frames}
+    save_bundle(args.bundle, dataclasses.replace(bundle, gallery_path=Path(args.gallery),
+                                                 config={**bundle.config, "inference": inference}))
     maps = write_reports(result, predictions=args.predictions, metrics=args.metrics, per_sequence_csv=args.per_sequence,
                          plots_dir=args.plots, n_maps=cfg.n_maps)
     print(summary(result.metrics))

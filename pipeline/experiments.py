@@ -346,7 +346,7 @@ def to_markdown(table: Sequence[dict[str, Any]]) -> str:
     spec = ([(c, f"frame acc@{km(c)}", 1) for c in frame_acc] + [("frame_median_km", "frame median (km)", 2)]
             + [(c, f"video acc@{km(c)}", 1) for c in video_acc] + [("video_median_km", "video median (km)", 2),
                ("dfd_km", "DFD (km)", 2), ("mrd_km", "MRD (km)", 2), ("shape_path_length_ratio", "path-length ratio", 2),
-               ("shape_r2_in_drive", "R2 in drive", 2), ("shape_distinct_points", "distinct points", 1),
+               ("shape_r2_in_drive", "R2 in drive", 2), ("shape_distinct_cells", "distinct cells", 1),
                ("frames_off_25km_pct", "frames > 25 km off (%)", 1), ("n_gallery_points", "gallery points", 0)])
     lines = ["# The paper's comparison rows on this pipeline's data", "",
              "Written by `make experiments` (pipeline/experiments.py) from `dvc exp show --json`; every number is in "

@@ -12,7 +12,8 @@ PHASE1_GROUPS = ("frame", "trajectory", "shape")
 # acc_1km, whatever metrics.THRESHOLDS_KM holds), then the rest in this order, each shape metric beside
 # its yardstick.
 ORDER = ["median_km", "dfd_deg", "mrd_deg", "dfd_km", "mrd_km",
-         "path_length_ratio", "n_path_length_ratio", "r2_in_drive", "distinct_points", "distinct_true_cells", "distinct_ratio",
+         "path_length_ratio", "n_path_length_ratio", "r2_in_drive", "distinct_points", "distinct_cells", "distinct_true_cells",
+         "distinct_ratio",
          "dfd_km_right_city", "mrd_km_right_city", "n_right_city"]
 
 
@@ -47,8 +48,8 @@ def format_metrics(metrics: dict) -> str:
             "  shape: path_length_ratio = predicted / true path length, median over the n_path_length_ratio moving",
             "         sequences (1 right, 0 one point per video, > 1 jitter); r2_in_drive = share of the true movement",
             "         within a sequence that the prediction reproduces, median (1 the drive's shape, 0 a point, < 0 noise);",
-            "         distinct_points vs distinct_true_cells =",
-            "         distinct predicted points vs gallery cells under the true drive, per sequence (mean);",
+            "         distinct_cells vs distinct_true_cells = gallery cells under the predicted vs the true drive,",
+            "         per sequence (mean; distinct_points: distinct predicted coordinates);",
             "         *_right_city = DFD/MRD km over the n_right_city sequences with video-level error <= 25 km",
         ]
     return "\n".join(lines)

@@ -73,7 +73,7 @@ def code_fingerprint(module: str) -> str:
     return sha256_json({f: sha256_file(REPO / f) for f in import_closure([module])})
 
 
-def run_resumable(train: Callable[[Any], dict], checkpoint_dir: Path, live_dir: str | None) -> dict:
+def run_resumable(train: Callable[[Any], dict], checkpoint_dir: Path, live_dir: str | None, deliver: bool = True) -> dict:
     """Run ``train(live)``, resuming from ``checkpoint_dir`` after an interruption.
 
     The stage's outputs persist between `dvc repro` runs (dvc.yaml ``persist: true``) so that a killed
@@ -81,7 +81,9 @@ def run_resumable(train: Callable[[Any], dict], checkpoint_dir: Path, live_dir: 
     outputs were written (*delivered*) is stale by definition, and one written with other params too:
     both are discarded and training starts afresh. A finished checkpoint whose outputs were never
     written (the bundle write failed) is resumed: no epoch is trained again, the outputs are written.
-    One run per checkpoint at a time (:func:`vidtag.lock.writer_lock`).
+    One run per checkpoint at a time (:func:`vidtag.lock.writer_lock`). ``deliver=False`` leaves the finished
+    checkpoint undelivered, for a stage that trains a second model after this one and marks both delivered at
+    the end (:func:`mark_delivered`): an interruption in the second then does not retrain the first.
     """
     checkpoint_dir = Path(checkpoint_dir)
     with writer_lock(checkpoint_dir, what="training"):
@@ -113,6 +115,7 @@ def run_resumable(train: Callable[[Any], dict], checkpoint_dir: Path, live_dir: 
             finally:
                 if live is not None:
                     live.end()
-            mark_delivered(checkpoint_dir)
+            if deliver:
+                mark_delivered(checkpoint_dir)
             return metrics
     raise AssertionError("unreachable")

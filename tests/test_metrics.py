@@ -428,6 +428,12 @@ def test_one_point_per_video_has_ratio_zero_and_one_distinct_point():
     assert out["shape"]["distinct_points"] == 1.0
     assert out["shape"]["distinct_true_cells"] == 21.0  # frames 100 m apart, gallery every 100 m
     assert out["shape"]["distinct_ratio"] == pytest.approx(1 / 21)
+    # the same point moved by metres frame to frame (as smoothing or GPS corrections leave it): 21 distinct
+    # coordinates, but still one gallery cell, and the ratio counts cells
+    wobble = predictions_table(v=(p_lat + 1e-5 * np.arange(21), p_lon, gt_lat, gt_lon))
+    moved = evaluate(wobble, gallery)["shape"]
+    assert moved["distinct_points"] == 21.0 and moved["distinct_cells"] == 1.0
+    assert moved["distinct_ratio"] == pytest.approx(1 / 21)
     row = per_sequence(df, gallery).row(0, named=True)
     assert row["path_length_km"] == 0.0 and row["true_path_length_km"] == pytest.approx(2.0, rel=1e-6)
     assert (row["path_length_ratio"], row["distinct_points"], row["distinct_true_cells"]) == (0.0, 1, 21)
@@ -442,7 +448,7 @@ def test_perfect_prediction_has_ratio_one_and_as_many_points_as_true_cells():
     df = predictions_table(v=(snapped[:, 0], snapped[:, 1], gt_lat, gt_lon))
     out = evaluate(df, gallery)["shape"]
     assert out["path_length_ratio"] == pytest.approx(1.0, abs=0.03)
-    assert out["distinct_points"] == out["distinct_true_cells"] == 21.0  # 41 frames every 50 m, cells every 100 m
+    assert out["distinct_points"] == out["distinct_cells"] == out["distinct_true_cells"] == 21.0  # 41 frames every 50 m, cells every 100 m
     assert out["distinct_ratio"] == 1.0
     # The truth itself as the prediction: ratio exactly 1.
     exact = evaluate(predictions_table(v=(gt_lat, gt_lon, gt_lat, gt_lon)))["shape"]
@@ -516,7 +522,7 @@ def test_gallery_keys_only_with_a_gallery():
     assert "distinct_true_cells" not in per_sequence(df).columns
     # A gallery with one point: every true frame falls in the same cell.
     out = evaluate(df, np.array([[0.0, 0.0]]))["shape"]
-    assert out["distinct_true_cells"] == 1.0 and out["distinct_ratio"] == 2.0
+    assert out["distinct_true_cells"] == out["distinct_cells"] == 1.0 and out["distinct_ratio"] == 1.0
     assert per_sequence(df, np.array([[0.0, 0.0]]))["distinct_true_cells"].to_list() == [1, 1]
 
 

@@ -476,6 +476,12 @@ def predict(
                                                                          "video runs window by window, in bounded memory "
                                                                          "(0 = whole videos; memory grows with frames^2)."),
     window_overlap: int = typer.Option(128, "--window-overlap", min=0, help="Frames shared by consecutive windows."),
+    expert_weight: _Opt[float] = typer.Option(None, "--expert-weight", min=0.0, help="Weight of the model's per-frame expert "
+                                                                               "in both retrievals (0 = Fig. 5) [default: "
+                                                                               "what the bundle was evaluated with]."),
+    smooth_frames: _Opt[int] = typer.Option(None, "--smooth-frames", min=0, help="Median of the answers over +-N frames "
+                                                                           "(0 = off) [default: what the bundle was "
+                                                                           "evaluated with]."),
     places: bool = typer.Option(True, help="Name each prediction's nearest place (city, admin region, country code), offline."),
     start_time: _Opt[str] = typer.Option(None, "--start-time", help="GPX: clock time of the first frame, ISO 8601 "
                                                                    "(e.g. 2024-05-01T12:00:00Z) [default: 1970-01-01T00:00:00Z = elapsed time]."),
@@ -501,7 +507,8 @@ def predict(
     from vidtag.inference import InferenceConfig
 
     cfg = InferenceConfig(max_speed_kmh=max_speed_kmh, step_km=step_km, refine=refine, refine_step_km=refine_step_km,
-                          top_k=max(top_k, InferenceConfig.top_k), window_frames=window_frames, window_overlap=window_overlap)
+                          top_k=max(top_k, InferenceConfig.top_k), window_frames=window_frames, window_overlap=window_overlap,
+                          expert_weight=expert_weight, smooth_frames=smooth_frames)
     t0 = time.perf_counter()
     kind = input_kind(input)  # refuses a missing input or an ambiguous folder before anything loads
     if kind == "videos":

@@ -31,7 +31,8 @@ from vidtag.decode import DECODE_METHODS, DecodeError, step_scale_km
 from vidtag.errors import EvaluationError, InferenceError
 from vidtag.gallery import read_gallery
 from vidtag.geo import haversine_km, unit_vectors
-from vidtag.inference import InferenceConfig, Located, frame_table, gallery_latlon, locate_sequences, offsets_from_sequence_ids
+from vidtag.inference import (InferenceConfig, Located, check_expert_and_smoothing, frame_table, gallery_latlon, locate_sequences,
+                              offsets_from_sequence_ids)
 from vidtag.io import atomic_path, write_json_atomic, write_parquet_atomic
 from vidtag.metrics import LABEL_LEVELS, evaluate, per_sequence
 from vidtag.viz import accuracy_by_threshold, error_cdf, trajectory_map_png
@@ -55,6 +56,8 @@ class EvalConfig:
     refine_step_km: float = 0.05  # the lattice's spacing (tens of metres)
     refine_radius_km: float | None = None  # half-width searched around a candidate; None = half the gallery spacing
     refine_k: int = 8  # candidates refined per frame
+    expert_weight: float = 0.0  # the per-frame expert's weight in both retrievals (vidtag.models.frame_expert; 0 = Fig. 5)
+    smooth_frames: int = 0  # temporal median of every answer over +-this many frames (vidtag.smoothing; 0 = off)
     # Long videos (vidtag.windows): TempGeo and the GeoRefiner run on overlapping windows; 0 = whole sequences.
     window_frames: int = DEFAULT_WINDOW_FRAMES  # 512 > MSLS's longest sequence (494): MSLS and toy results unchanged
     window_overlap: int = DEFAULT_WINDOW_OVERLAP  # frames shared by consecutive windows
@@ -64,6 +67,7 @@ class EvalConfig:
             raise EvaluationError(f"eval.decode must be one of {DECODE_METHODS}; found {self.decode!r}")
         try:
             check_window(self.window_frames, self.window_overlap)
+            check_expert_and_smoothing(self.expert_weight, self.smooth_frames)
         except InferenceError as e:
             raise EvaluationError(f"eval.{e}") from None
 
@@ -82,7 +86,8 @@ def inference_config(cfg: EvalConfig, runtime: EvalRuntime, step_km: float | Non
                            backend=runtime.backend, decode=cfg.decode, top_k=cfg.top_k, max_speed_kmh=cfg.max_speed_kmh,
                            step_km=step_km, transition_weight=cfg.transition_weight, refine=cfg.refine,
                            refine_step_km=cfg.refine_step_km, refine_radius_km=cfg.refine_radius_km, refine_k=cfg.refine_k,
-                           window_frames=cfg.window_frames, window_overlap=cfg.window_overlap)
+                           window_frames=cfg.window_frames, window_overlap=cfg.window_overlap,
+                           expert_weight=cfg.expert_weight, smooth_frames=cfg.smooth_frames)
 
 
 def train_step_km(manifest: pl.DataFrame) -> float | None:
@@ -321,9 +326,9 @@ def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = E
         timing["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
     seq = per_sequence(pred, gallery)
-    seq_p1 = per_sequence(phase1_df).select("sequence_id", phase1_median_km="median_km", phase1_dfd_km="dfd_km",
-                                            phase1_path_length_ratio="path_length_ratio", phase1_distinct_points="distinct_points",
-                                            phase1_r2_in_drive="r2_in_drive")
+    seq_p1 = per_sequence(phase1_df, gallery).select("sequence_id", phase1_median_km="median_km", phase1_dfd_km="dfd_km",
+                                                     phase1_path_length_ratio="path_length_ratio",
+                                                     phase1_distinct_cells="distinct_cells", phase1_r2_in_drive="r2_in_drive")
     conf = pred.group_by("sequence_id").agg(mean_confidence=pl.col("confidence").mean())
     seq = seq.join(seq_p1, on="sequence_id", how="left").join(conf, on="sequence_id", how="left").sort("sequence_id")
 

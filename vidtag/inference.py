@@ -41,6 +41,18 @@ Beyond the paper (App. L), on request, after each of the two retrievals:
   lattices are decoded independently and the argmax and Viterbi answers come from one pass.
   The confidence is measured around the answer that is reported (decoded or not).
 
+Beyond the paper, on the toy world's evidence (README "Trajectory shape"):
+
+* **Per-frame expert** (``vidtag.models.frame_expert``, ``expert_weight`` > 0 and a bundle that has one): both
+  retrievals score a gallery point by the main model's logit plus ``expert_weight`` times the expert's, a
+  product of their distributions. The index holds each gallery point's two embeddings side by side, scaled
+  by 1/sqrt(2) (the unit vector of the pair, so local refinement embeds lattice points the same way); the
+  query is sqrt(2) [q, r q'] with r = expert_weight exp(s') / exp(s), so a candidate's score is
+  ``cos(q, g) + r cos(q', g')`` in the main model's cosine units and its temperature still applies.
+* **Temporal median smoothing** (``smooth_frames`` > 0, ``vidtag.smoothing``): each retrieval's answer (its
+  top-1, or the decoded path) becomes the spherical median of the answers within +-smooth_frames frames.
+  The GeoRefiner's queries are the smoothed Phase I top-1, re-embedded by the location encoder.
+
 Any video length in bounded memory (``vidtag.windows``): TempGeo and the GeoRefiner attend over whole
 sequences, so a sequence longer than ``window_frames`` runs through both window by window (overlapping,
 each frame's output from its most central window), while retrieval, the candidates, refinement and Viterbi
@@ -51,6 +63,7 @@ frames (every MSLS sequence at the default) run whole, exactly as without window
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -68,12 +81,37 @@ from vidtag.errors import InferenceError
 from vidtag.features.sequences import SequenceTable, padded_chunks, sequences_from_offsets
 from vidtag.features.source import FeatureTensors
 from vidtag.geo import haversine_km_torch
+from vidtag.models.frame_expert import ConcatLocationEncoder
 from vidtag.progress import progress as progress_bar
 from vidtag.refine import LocalRefiner, RefineConfig, gallery_spacing_km
 from vidtag.retrieval import GalleryIndex, embed_locations_tensor, gallery_embeddings, latlon_fingerprint, module_fingerprint
+from vidtag.smoothing import smooth_tracks
 from vidtag.windows import DEFAULT_WINDOW_FRAMES, DEFAULT_WINDOW_OVERLAP, WindowPlan, check_window, plan_windows
 
 OUTPUT_COLUMNS = ("sequence_id", "frame_index", "lat", "lon", "phase1_lat", "phase1_lon", "confidence", "valid")
+
+
+def check_expert_and_smoothing(expert_weight, smooth_frames) -> None:
+    """One clear error for a bad ``expert_weight`` (finite, >= 0) or ``smooth_frames`` (integer >= 0); None passes
+    (the bundle's setting, :func:`bundle_settings`)."""
+    w = 0 if expert_weight is None else expert_weight
+    smooth_frames = 0 if smooth_frames is None else smooth_frames
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w) or w < 0:
+        raise InferenceError(f"expert_weight must be a finite number >= 0; found {expert_weight!r}")
+    if isinstance(smooth_frames, bool) or not isinstance(smooth_frames, int) or smooth_frames < 0:
+        raise InferenceError(f"smooth_frames must be an integer >= 0; found {smooth_frames!r}")
+
+
+def bundle_settings(bundle, cfg: InferenceConfig) -> InferenceConfig:
+    """``cfg`` with its None settings taken from the bundle: the ``inference`` settings `evaluate` recorded in it
+    (so `vidtag predict` answers as the evaluation did), else 0."""
+    recorded = (getattr(bundle, "config", None) or {}).get("inference") or {}
+    w = cfg.expert_weight if cfg.expert_weight is not None else recorded.get("expert_weight", 0.0)
+    n = cfg.smooth_frames if cfg.smooth_frames is not None else recorded.get("smooth_frames", 0)
+    if getattr(bundle, "expert", None) is None and cfg.expert_weight is None:
+        w = 0.0  # a recorded weight needs the expert; a bundle without one answers as Fig. 5
+    check_expert_and_smoothing(w, n)
+    return replace(cfg, expert_weight=float(w), smooth_frames=int(n))
 
 
 @dataclass(frozen=True)
@@ -93,6 +131,9 @@ class InferenceConfig:
     refine_step_km: float = 0.05  # the lattice's spacing
     refine_radius_km: float | None = None  # half-width searched around a candidate; None = half the gallery spacing
     refine_k: int = 8  # candidates refined per frame
+    # None = what the bundle records from its evaluation (config.json "inference"), else 0 (Fig. 5)
+    expert_weight: float | None = None  # weight of the per-frame expert's logits in both retrievals (needs a bundle with one)
+    smooth_frames: int | None = None  # temporal median of each retrieval's answers over +-this many frames (0 = off)
     # Long videos (vidtag.windows): TempGeo and the GeoRefiner run on windows of this many frames; 0 = whole sequences.
     window_frames: int = DEFAULT_WINDOW_FRAMES  # 512 > MSLS's longest sequence (494): short videos run whole, as before
     window_overlap: int = DEFAULT_WINDOW_OVERLAP  # frames shared by consecutive windows (context at the seams)
@@ -102,6 +143,7 @@ class InferenceConfig:
             raise InferenceError(f"decode must be one of {DECODE_METHODS}; found {self.decode!r}")
         if int(self.top_k) < 1:
             raise InferenceError(f"top_k must be >= 1; found {self.top_k}")
+        check_expert_and_smoothing(self.expert_weight, self.smooth_frames)
         check_window(self.window_frames, self.window_overlap)
 
     def decode_config(self) -> DecodeConfig:
@@ -139,10 +181,15 @@ class Located:
     # decoded as requested. Empty otherwise.
     candidates: dict[str, Candidates] = field(default_factory=dict)
     n_refined_points: int = 0  # fine-lattice points the location encoder embedded (vidtag.refine)
+    # With smoothing (locate(smooth_frames=N)): per stage, the smoothed answers (M, 2), keyed by decoded (True) or not.
+    smoothed: dict[str, dict[bool, np.ndarray]] = field(default_factory=dict)
 
     def latlon(self, stage: str, gallery: np.ndarray, decoded: bool = True) -> np.ndarray:
-        """(M, 2) degrees: the answer of ``stage`` ("phase1" | "final"): from its candidates where kept
-        (decoded path or best, refined when refinement ran), else Fig. 5's gallery top-1."""
+        """(M, 2) degrees: the answer of ``stage`` ("phase1" | "final"): smoothed where smoothing ran; else from
+        its candidates where kept (decoded path or best, refined when refinement ran), else Fig. 5's gallery top-1."""
+        if stage in self.smoothed:
+            per = self.smoothed[stage]
+            return per[decoded and True in per]
         if stage in self.candidates:
             return self.candidates[stage].answer(decoded)
         idx = self.phase1 if stage == "phase1" else self.final
@@ -173,22 +220,32 @@ class Locator:
 
     def __init__(self, frame_encoder: nn.Module, location_encoder: nn.Module, logit_scale: torch.Tensor, refiner: nn.Module | None,
                  gallery_latlon: np.ndarray, gallery_emb: torch.Tensor | np.ndarray, *, backend: str = "auto",
-                 device: str | torch.device | None = "auto"):
+                 device: str | torch.device | None = "auto", expert: nn.Module | None = None, expert_weight: float = 0.0):
+        """``gallery_emb``: (G, D) unit embeddings of the main location encoder; with an ``expert`` and
+        ``expert_weight`` > 0, (G, 2D) the pair's (``ConcatLocationEncoder`` normalised, module docstring)."""
+        check_expert_and_smoothing(expert_weight, 0)
         self.device = resolve_device(device)
         self.frame_encoder = frame_encoder.to(self.device)
-        self.location_encoder = location_encoder
+        self.location_encoder = location_encoder  # the GeoRefiner's: it re-embeds corrected and smoothed GPS
+        self.expert = expert.to(self.device) if expert is not None and expert_weight > 0 else None
+        # what candidates are scored against: the gallery index and local refinement's lattices
+        self.search_encoder = location_encoder if self.expert is None else ConcatLocationEncoder(location_encoder, self.expert.location_encoder)
         self.refiner = None if refiner is None else refiner.to(self.device)
         self.scale = logit_scale.detach().float().exp().to(self.device)  # the learned temperature, a device scalar
         self.logit_scale = logit_scale.detach().double().cpu()  # its log, for the decoder's emissions
         self.gallery_latlon = np.asarray(gallery_latlon, dtype=np.float64)  # (G, 2)
         if len(self.gallery_latlon) == 0:
             raise InferenceError("the gallery is empty; rebuild it (stage `gallery`)")
-        gal = torch.as_tensor(gallery_emb).to(self.device, torch.float32)  # (G, D) unit
+        gal = torch.as_tensor(gallery_emb).to(self.device, torch.float32)  # (G, D) unit, or (G, 2D) with the expert
         if gal.shape[0] != len(self.gallery_latlon):
             raise InferenceError(f"gallery has {len(self.gallery_latlon)} points but {gal.shape[0]} embeddings")
+        self.index = GalleryIndex.build(gal, backend, self.device)
+        if self.expert is not None:
+            d = gal.shape[1] // 2
+            self.expert_ratio = float(expert_weight) * float(self.expert.logit_scale.detach().float().exp()) / float(self.scale)
+            gal = F.normalize(gal[:, :d], dim=-1)  # the main model's own embeddings: the GeoRefiner's queries
         self.gallery_emb = gal
         self.gallery_latlon_t = torch.from_numpy(self.gallery_latlon).to(self.device)
-        self.index = GalleryIndex.build(gal, backend, self.device)
 
     @classmethod
     def for_model(cls, frame_encoder, location_encoder, logit_scale, refiner, gallery_latlon, *, backend="auto", device="auto",
@@ -209,10 +266,17 @@ class Locator:
                                      "pass a gallery file (--gallery FILE, gallery=...)")
             gallery = read_gallery_latlon(bundle.gallery_path)
         gallery = np.asarray(gallery, dtype=np.float64)
+        cfg = bundle_settings(bundle, cfg)
+        expert = None
+        if cfg.expert_weight > 0:
+            expert = getattr(bundle, "expert", None)
+            if expert is None:
+                raise InferenceError(f"expert_weight {cfg.expert_weight} needs a model with a per-frame expert (train with "
+                                     "phase1.frame_expert: true); this bundle has none: set the weight to 0")
         if gallery_emb is None:
-            gallery_emb = bundle_gallery_embeddings(bundle, gallery, cache_dir, cfg.gallery_batch)
+            gallery_emb = bundle_gallery_embeddings(bundle, gallery, cache_dir, cfg.gallery_batch, with_expert=expert is not None)
         return cls(bundle.frame_encoder, bundle.location_encoder, bundle.logit_scale, bundle.refiner, gallery, gallery_emb,
-                   backend=cfg.backend, device=device)
+                   backend=cfg.backend, device=device, expert=expert, expert_weight=cfg.expert_weight)
 
     def spacing_km(self) -> float:
         """The gallery's resolution (median nearest-neighbour distance), measured once: refinement's default cell."""
@@ -223,14 +287,15 @@ class Locator:
     def local_refiner(self, cfg: RefineConfig) -> LocalRefiner:
         """A refiner for one run (its cache of fine-lattice embeddings lives as long as it does)."""
         radius_km = cfg.radius_km if cfg.radius_km is not None else 0.5 * self.spacing_km()
-        return LocalRefiner(self.location_encoder, cfg, radius_km, device=self.device)
+        return LocalRefiner(self.search_encoder, cfg, radius_km, device=self.device)
 
     @torch.no_grad()
     def locate(self, source, table: SequenceTable, *, k: int = 1, batch_frames: int = 8192,
                confidence_radius_km: float | None = None, progress: bool = False, top_k: int = 0,
                decode: DecodeConfig | None = None, refine: RefineConfig | None = None,
                timestamp_s: np.ndarray | None = None, confidence_decoded: bool = True,
-               window_frames: int = DEFAULT_WINDOW_FRAMES, window_overlap: int = DEFAULT_WINDOW_OVERLAP) -> Located:
+               window_frames: int = DEFAULT_WINDOW_FRAMES, window_overlap: int = DEFAULT_WINDOW_OVERLAP,
+               smooth_frames: int = 0) -> Located:
         """Fig. 5 for every frame of ``table``, whole sequences at a time, features gathered from ``source``
         (vidtag.features.source). ``k`` Phase I candidates feed the confidence (needs ``confidence_radius_km``).
         TempGeo and the GeoRefiner see sequences longer than ``window_frames`` window by window
@@ -240,9 +305,11 @@ class Locator:
         ``refine`` refines them (vidtag.refine), ``decode`` runs Viterbi over them (vidtag.decode) with
         ``timestamp_s`` (N,) per feature row (NaN = unknown) for the transition scale. The confidence is
         measured around the decoded final answer, or around the best candidate with ``confidence_decoded=False``.
+        ``smooth_frames`` > 0 smooths every answer over +-that many frames (module docstring; ``Located.smoothed``).
         """
         n_gallery = len(self.gallery_latlon)
         check_window(window_frames, window_overlap)
+        check_expert_and_smoothing(0, smooth_frames)
         if (decode is not None or refine is not None) and top_k < 1:
             raise InferenceError("decoding and refinement work on candidates: give top_k >= 1")
         top_k = max(0, min(int(top_k), n_gallery))
@@ -256,6 +323,7 @@ class Locator:
         stages = ("phase1",) if self.refiner is None else ("phase1", "final")
         rows_out, p1_out, p2_out, conf_out = [], [], [], []
         cand_out: dict[str, list] = {s: [] for s in stages}
+        smooth_out: dict[str, dict[bool, list]] = {s: {} for s in stages} if smooth_frames else {}
         chunks = padded_chunks(table, batch_frames) if len(table) else []
         with _eval_mode(self.frame_encoder, self.refiner):
             for _, rows, pad in progress_bar(chunks, total=len(chunks), desc="inference", unit="batch", enabled=progress):
@@ -264,8 +332,17 @@ class Locator:
                 plan = plan_windows(keep.sum(dim=1), window_frames, window_overlap) \
                     if window_frames and rows.shape[1] > window_frames else None  # None: every sequence fits one window
                 frame_emb = self._frame_embeddings(source, rows, pad, plan, batch_frames)  # (B, T, D) unit
-                q1 = frame_emb[keep].float()  # (M, D)
+                expert_q = None
+                if self.expert is not None:  # each frame alone: no window needed, memory linear in T
+                    clip, dino, _ = source.gather(rows)
+                    expert_q = self.expert.frame_encoder(clip, dino, pad)[keep].float()  # (M, D) unit
+                q1 = self._search_query(frame_emb[keep].float(), expert_q)  # (M, D) or (M, 2D)
                 s1, i1 = self.index.search(q1, k=k_search)  # (M, k_search) Phase I candidates, best first
+
+                def smoothed(points: torch.Tensor) -> torch.Tensor:  # (M, 2) -> (M, 2): along each sequence
+                    track = torch.zeros(*keep.shape, 2, dtype=torch.float64, device=self.device)
+                    track[keep] = points.to(self.device, torch.float64)
+                    return smooth_tracks(track, keep, smooth_frames)[keep]
                 rows_out.append(rows[keep])
                 p1_out.append(i1[:, 0])
                 scale_km = self._step_scales(rows, ts, decode) if decode is not None else None  # (B, T)
@@ -274,13 +351,24 @@ class Locator:
                     lat1 = self._lattice(q1, s1[:, :top_k], i1[:, :top_k], keep, scale_km, local, decode)
                     cand_out["phase1"].append(lat1)
                     answer["phase1"] = self._answer(lat1, confidence_decoded)
+                query_gps = self.gallery_latlon_t[i1[:, 0]]  # (M, 2) Fig. 5: the Phase I top-1 feeds the GeoRefiner
+                if smooth_frames:
+                    self._smooth_answers(smooth_out["phase1"], smoothed, query_gps, lat1 if top_k else None, decode is not None)
+                    query_gps = smoothed(query_gps)
+                    if "phase1" in answer:
+                        answer["phase1"] = smooth_out["phase1"][confidence_decoded and decode is not None][-1]
                 if self.refiner is not None:
                     gps_emb = torch.zeros_like(frame_emb)
-                    gps_emb[keep] = self.gallery_emb[i1[:, 0]].to(gps_emb.dtype)  # (M, D) -> (B, T, D)
+                    if smooth_frames:  # smoothed points lie between gallery points: embed them
+                        enc_dev = next(self.location_encoder.parameters()).device
+                        gps_emb[keep] = embed_locations_tensor(self.location_encoder, query_gps.to(enc_dev, torch.float32),
+                                                               batch_frames).to(gps_emb.device, gps_emb.dtype)
+                    else:
+                        gps_emb[keep] = self.gallery_emb[i1[:, 0]].to(gps_emb.dtype)  # (M, D) -> (B, T, D)
                     refine_fn, inputs = self.refiner, (frame_emb, gps_emb)
                     if self.refiner.needs_gps:  # output "offset": the queries' GPS too
                         gps = torch.zeros(*frame_emb.shape[:2], 2, device=frame_emb.device)
-                        gps[keep] = self.gallery_latlon_t[i1[:, 0]].float()  # (M, 2) -> (B, T, 2)
+                        gps[keep] = query_gps.float()  # (M, 2) -> (B, T, 2)
                         inputs = (frame_emb, gps_emb, gps)
 
                         def refine_fn(f, g, ll, p):
@@ -289,13 +377,17 @@ class Locator:
                         refined = refine_fn(*inputs, pad)  # (B, T, D) unit
                     else:  # the same queries (whole-sequence Phase I top-1), window by window
                         refined = plan.apply(refine_fn, *inputs, batch_frames=batch_frames)  # (B, T, D)
-                    q2 = F.normalize(refined[keep].float(), dim=-1)  # (M, D)
+                    q2 = self._search_query(F.normalize(refined[keep].float(), dim=-1), expert_q)  # (M, D) or (M, 2D)
                     s2, i2 = self.index.search(q2, k=max(1, top_k))  # (M, K) GPS -> GPS candidates
                     p2_out.append(i2[:, 0])
                     if top_k:
                         lat2 = self._lattice(q2, s2, i2, keep, scale_km, local, decode)
                         cand_out["final"].append(lat2)
                         answer["final"] = self._answer(lat2, confidence_decoded)
+                    if smooth_frames:
+                        self._smooth_answers(smooth_out["final"], smoothed, self.gallery_latlon_t[i2[:, 0]],
+                                             lat2 if top_k else None, decode is not None)
+                        answer["final"] = smooth_out["final"][confidence_decoded and decode is not None][-1]
                 if confidence_radius_km is not None:
                     stage = stages[-1]  # the answer: final, or Phase I for a Phase-I-only locator
                     at = answer.get(stage)
@@ -315,9 +407,25 @@ class Locator:
             candidates[stage] = Candidates(part(0, (top_k, 2), np.float64), part(1, (top_k,), np.float32),
                                            part(2, (top_k,), np.float64), part(3, (top_k,), np.int64),
                                            part(4, (), np.int64) if decode is not None else None)
+        smooth = {stage: {d: torch.cat(parts).cpu().numpy() if parts else np.zeros((0, 2)) for d, parts in per.items()}
+                  for stage, per in smooth_out.items()}
         return Located(cat(rows_out), cat(p1_out), cat(p2_out) if self.refiner is not None else None,
                        cat(conf_out).astype(np.float64) if conf_out else None, candidates,
-                       local.n_embedded if local is not None else 0)
+                       local.n_embedded if local is not None else 0, smooth)
+
+    def _search_query(self, q: torch.Tensor, expert_q: torch.Tensor | None) -> torch.Tensor:
+        """(M, D) unit query -> what the index is searched with: itself, or sqrt(2) [q, r q'] with the expert."""
+        if expert_q is None:
+            return q
+        return torch.cat([q, self.expert_ratio * expert_q], dim=1) * math.sqrt(2.0)
+
+    @staticmethod
+    def _smooth_answers(out: dict[bool, list], smoothed, top1: torch.Tensor, lattice, decoded: bool) -> None:
+        """Append one chunk's smoothed answers: the best candidate's (or top-1's), and the decoded path's."""
+        best = Locator._answer(lattice, False) if lattice is not None else top1
+        out.setdefault(False, []).append(smoothed(best))
+        if decoded and lattice is not None:
+            out.setdefault(True, []).append(smoothed(Locator._answer(lattice, True)))
 
     def _frame_embeddings(self, source, rows: torch.Tensor, pad: torch.Tensor, plan: WindowPlan | None,
                           batch_frames: int) -> torch.Tensor:
@@ -395,10 +503,13 @@ def read_gallery_latlon(path: str | Path) -> np.ndarray:
     return gallery_latlon(read_gallery(path)[0], path)
 
 
-def bundle_gallery_embeddings(bundle, latlon: np.ndarray, cache_dir: str | Path | None, batch: int = 8192) -> np.ndarray:
-    """The bundle's gallery embeddings (G, 512), unit-norm, cached under ``cache_dir`` per (model, gallery)."""
-    key = f"{module_fingerprint(bundle.location_encoder)[:16]}-{latlon_fingerprint(latlon)[:16]}"
-    return gallery_embeddings(bundle.location_encoder, latlon, cache_dir, key=key, batch_size=batch)
+def bundle_gallery_embeddings(bundle, latlon: np.ndarray, cache_dir: str | Path | None, batch: int = 8192,
+                              with_expert: bool = False) -> np.ndarray:
+    """The bundle's gallery embeddings (G, 512), unit-norm, cached under ``cache_dir`` per (model, gallery); with
+    the per-frame expert, (G, 1024): both location encoders' (``ConcatLocationEncoder``, normalised)."""
+    encoder = ConcatLocationEncoder(bundle.location_encoder, bundle.expert.location_encoder) if with_expert else bundle.location_encoder
+    key = f"{module_fingerprint(encoder)[:16]}-{latlon_fingerprint(latlon)[:16]}"
+    return gallery_embeddings(encoder, latlon, cache_dir, key=key, batch_size=batch)
 
 
 def fill_from_nearest_valid(valid: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -491,6 +602,7 @@ def locate_sequences(
     both answers can be compared (the confidence still follows ``cfg.decode``).
     """
     dev = resolve_device(device)
+    cfg = bundle_settings(bundle, cfg)
     valid, offsets, ids = check_features(bundle, clip, dino, valid, sequence_offsets, sequence_ids)
     ts = check_timestamps(timestamps_s, len(valid), offsets)
     locator = Locator.for_bundle(bundle, gallery, gallery_emb=gallery_emb, cache_dir=cache_dir, cfg=cfg, device=dev)
@@ -501,7 +613,7 @@ def locate_sequences(
     found = locator.locate(source, table, k=cfg.k, batch_frames=cfg.batch_frames, confidence_radius_km=cfg.confidence_radius_km,
                            progress=progress, top_k=lattice_k, decode=cfg.decode_config() if decoding else None,
                            refine=cfg.refine_config(), timestamp_s=ts, confidence_decoded=cfg.decode == "viterbi",
-                           window_frames=cfg.window_frames, window_overlap=cfg.window_overlap)
+                           window_frames=cfg.window_frames, window_overlap=cfg.window_overlap, smooth_frames=cfg.smooth_frames)
     return found, locator.gallery_latlon
 
 

@@ -493,9 +493,8 @@ def shape_summary(table: pl.DataFrame) -> dict:
     - ``r2_in_drive``: median over the same sequences of how much of the true movement within the
       sequence the prediction reproduces (1 - SSE / SST of both tracks' offsets from their own means: 1 the
       drive's shape, 0 a point, < 0 movement that is not the drive's).
-    - ``distinct_true_cells``: mean number of distinct nearest gallery points under the true drive, and
-      ``distinct_ratio`` = mean distinct_points / mean distinct_true_cells (only when the table has
-      the ``distinct_true_cells`` column, i.e. a gallery was given).
+    - ``distinct_cells`` and ``distinct_true_cells``: mean number of distinct nearest gallery points under the
+      predicted and the true drive, and ``distinct_ratio`` = their ratio (only when a gallery was given).
     - ``dfd_km_right_city``, ``mrd_km_right_city``: mean DFD / MRD in km (Appendix E.2-E.3) over the
       ``n_right_city`` sequences whose video-level error is ``<= RIGHT_CITY_KM`` (None when there are
       none), to read beside the all-sequence ``trajectory`` figures.
@@ -511,8 +510,9 @@ def shape_summary(table: pl.DataFrame) -> dict:
         out["r2_in_drive"] = float(np.median(r2)) if r2.size else None
     if "distinct_true_cells" in table.columns:
         true_cells = float(table["distinct_true_cells"].mean())
+        out["distinct_cells"] = float(table["distinct_cells"].mean())
         out["distinct_true_cells"] = true_cells
-        out["distinct_ratio"] = out["distinct_points"] / true_cells  # >= 1 cell per sequence: never 0
+        out["distinct_ratio"] = out["distinct_cells"] / true_cells  # >= 1 cell per sequence: never 0
     right = table.filter(pl.col("video_error_km") <= RIGHT_CITY_KM)
     out["dfd_km_right_city"] = _mean_or_none(right["dfd_km"].to_numpy())
     out["mrd_km_right_city"] = _mean_or_none(right["mrd_km"].to_numpy())
@@ -614,6 +614,9 @@ def _sequence_table(df: pl.DataFrame, gallery: np.ndarray | None = None) -> tupl
         "r2_in_drive": pl.Series(_segment_r2_in_drive(lat, lon, gt_lat, gt_lon, starts, true_path_km)).fill_nan(None),
     }
     if gallery is not None:
+        # predicted and true points both counted as gallery cells: answers off the gallery (GeoRefiner offsets,
+        # refinement, smoothing) count once per cell they visit, not once per distinct float
+        cols["distinct_cells"] = _segment_n_unique((nearest_gallery_index(pred, gallery),), seg, starts)
         cols["distinct_true_cells"] = _segment_n_unique((nearest_gallery_index(gt, gallery),), seg, starts)
     return pl.DataFrame(cols), dist_km
 

@@ -3,6 +3,8 @@
 Files: ``model.safetensors`` (all weights, keys prefixed ``frame_encoder.``, ``location_encoder.``,
 ``refiner.``, plus ``logit_scale``), ``config.json`` (model config, backbone config from the feature
 store, feature dims, gallery file name + sha256, model sha256) and ``gallery.parquet`` (a copy).
+A bundle with a per-frame expert (vidtag.models.frame_expert) also holds ``expert.frame_encoder.``,
+``expert.location_encoder.`` and ``expert.logit_scale`` weights, and the expert's model config under ``expert``.
 
 ``config.json``'s ``kind`` names the model family (absent = ``vidtag``): ``vidtag`` is the paper's model
 (TempGeo frame encoder, location encoder, GeoRefiner); ``geoclip`` is GeoCLIP zero-shot
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from vidtag.fingerprint import sha256_file
 from vidtag.io import atomic_path, write_error_reason
 from vidtag.models.config import VidTAGConfig
 from vidtag.models.frame_encoder import FrameEncoder
+from vidtag.models.frame_expert import FrameExpert
 from vidtag.models.georefiner import GeoRefiner
 from vidtag.models.location_encoder import LocationEncoder
 from vidtag.seeding import seeded
@@ -44,13 +47,14 @@ class Bundle:
     logit_scale: torch.Tensor  # scalar, log of the Phase I temperature
     config: dict[str, Any]  # config.json: "model" (VidTAGConfig dict), "backbones", "feature_dims", ...
     gallery_path: Path | None  # None: the bundle carries no gallery (a trained model before evaluation packs one)
+    expert: FrameExpert | None = None  # the per-frame expert trained beside Phase I, if any
 
     @property
     def kind(self) -> str:
         return bundle_kind(self.config)
 
     def eval(self) -> Bundle:
-        for m in (self.frame_encoder, self.location_encoder, self.refiner):
+        for m in (self.frame_encoder, self.location_encoder, self.refiner, self.expert):
             if m is not None:
                 m.eval()
         return self
@@ -79,6 +83,24 @@ def normalise_model_config(kind: str, model: dict[str, Any]) -> dict[str, Any]:
             "location": asdict(build_config(LocationEncoderConfig, model.get("location")))}
 
 
+def _expert_model(config: dict[str, Any], where: str) -> VidTAGConfig | None:
+    """The per-frame expert's model config from config.json's ``expert`` (None: the bundle has no expert)."""
+    expert = config.get("expert")
+    if expert is None:
+        return None
+    if not isinstance(expert, dict) or not isinstance(expert.get("model"), dict):
+        raise BundleError(f"{where}: 'expert' must be an object with a 'model' object")
+    if bundle_kind(config, where) != "vidtag":
+        raise BundleError(f"{where}: only a vidtag bundle carries a per-frame expert")
+    try:
+        cfg = VidTAGConfig.from_dict(expert["model"])
+    except VidtagError as e:
+        raise BundleError(f"{where}: 'expert.model' is not a valid model config: {e}") from None
+    if cfg.frame.tempgeo_layers != 0:
+        raise BundleError(f"{where}: the per-frame expert must have frame.tempgeo_layers 0, found {cfg.frame.tempgeo_layers}")
+    return cfg
+
+
 def _build_for_kind(kind: str, model: dict[str, Any]):
     """(frame encoder, location encoder, refiner or None) of the bundle's architecture, weights to be loaded."""
     if kind == "geoclip":
@@ -100,9 +122,10 @@ def build_models(cfg: VidTAGConfig, seed: int = 0, location_init: str = "random"
 
 def assemble_bundle(frame_encoder: FrameEncoder, location_encoder: LocationEncoder, refiner: GeoRefiner, logit_scale: torch.Tensor,
                     model_cfg: VidTAGConfig, feature_attrs: dict[str, Any], training: dict[str, Any],
-                    gallery_path: str | Path | None = None) -> Bundle:
+                    gallery_path: str | Path | None = None, expert: FrameExpert | None = None) -> Bundle:
     """The bundle of a finished Phase II: the trained modules (on the CPU, eval mode), the feature store's
-    backbone and preprocessing record (so `vidtag predict` extracts matching features) and the gallery."""
+    backbone and preprocessing record (so `vidtag predict` extracts matching features), the gallery, and the
+    per-frame expert trained beside Phase I where there is one."""
     config = {
         "model": model_cfg.to_dict(),
         "backbones": feature_attrs.get("backbones"),
@@ -111,8 +134,11 @@ def assemble_bundle(frame_encoder: FrameEncoder, location_encoder: LocationEncod
         "manifest_fingerprint": feature_attrs.get("manifest_fingerprint"),
         "training": training,
     }
+    if expert is not None:
+        config["expert"] = {"model": {"frame": asdict(expert.frame_encoder.cfg), "location": asdict(expert.location_encoder.cfg)}}
+        expert = expert.cpu().eval()
     modules = [m.cpu().eval() for m in (frame_encoder, location_encoder, refiner)]
-    return Bundle(*modules, logit_scale.detach().cpu(), config, None if gallery_path is None else Path(gallery_path))
+    return Bundle(*modules, logit_scale.detach().cpu(), config, None if gallery_path is None else Path(gallery_path), expert)
 
 
 def bundle_state_dict(bundle: Bundle) -> dict[str, torch.Tensor]:
@@ -120,6 +146,8 @@ def bundle_state_dict(bundle: Bundle) -> dict[str, torch.Tensor]:
     for prefix, module in (("frame_encoder", bundle.frame_encoder), ("location_encoder", bundle.location_encoder), ("refiner", bundle.refiner)):
         if module is not None:
             state.update({f"{prefix}.{k}": v.detach() for k, v in module.state_dict().items()})
+    if bundle.expert is not None:
+        state.update({f"expert.{k}": v.detach() for k, v in bundle.expert.state_dict().items()})
     return {k: v.cpu().contiguous() for k, v in state.items()}
 
 
@@ -143,6 +171,8 @@ def save_bundle(directory: str | Path, bundle: Bundle) -> Path:
             if gallery_src is not None:
                 shutil.copyfile(gallery_src, tmp / GALLERY_FILE)
             config = dict(bundle.config)
+            if config.get("expert") is not None:
+                config["expert"] = {"model": _expert_model(config, "bundle config").to_dict()}
             config.update(
                 format_version=BUNDLE_FORMAT,
                 model=normalise_model_config(bundle_kind(config, "bundle config"), config["model"]),  # validates and normalises
@@ -189,7 +219,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _check_shapes(directory: Path, kind: str, model: dict[str, Any]) -> None:
+def _check_shapes(directory: Path, kind: str, model: dict[str, Any], expert_cfg: VidTAGConfig | None = None) -> None:
     """Build the architecture config.json describes on the meta device (no memory) and compare its tensors
     with the weights file's header: bad dims (negative, huge, edited) and foreign files fail here."""
     from safetensors import SafetensorError, safe_open
@@ -212,8 +242,12 @@ def _check_shapes(directory: Path, kind: str, model: dict[str, Any]) -> None:
     for prefix, module in zip(("frame_encoder", "location_encoder", "refiner"), modules):
         if module is not None:
             want.update({f"{prefix}.{k}": tuple(v.shape) for k, v in module.state_dict().items()})
+    if expert_cfg is not None:
+        with torch.device("meta"):
+            want.update({f"expert.{k}": tuple(v.shape) for k, v in FrameExpert.build(expert_cfg).state_dict().items()})
     for name in sorted(set(want) | set(found)):
-        if want.get(name) != found.get(name) and not (name == "logit_scale" and found.get(name) in ((), (1,))):
+        scalar = name in ("logit_scale", "expert.logit_scale")
+        if want.get(name) != found.get(name) and not (scalar and found.get(name) in ((), (1,))):
             what = ("missing from the weights" if name not in found else "not part of this architecture" if name not in want
                     else f"shaped {list(found[name])} in the weights, {list(want[name])} in config.json")
             raise BundleError(f"{weights}: tensor {name!r} is {what}; config.json and the weights disagree")
@@ -238,7 +272,8 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bu
         if found != key:
             raise BundleError(f"{directory / file}: sha256 {found[:12]}... does not match config.json ({str(key)[:12]}...); the {name} were changed after the bundle was written")
     kind = bundle_kind(config, str(directory / CONFIG_FILE))
-    _check_shapes(directory, kind, config["model"])  # before anything is allocated: dims cannot blow up memory
+    expert_cfg = _expert_model(config, str(directory / CONFIG_FILE))
+    _check_shapes(directory, kind, config["model"], expert_cfg)  # before anything is allocated: dims cannot blow up memory
     frame, loc, refiner = _build_for_kind(kind, config["model"])  # random init, replaced by the saved weights below
     state = load_file(directory / WEIGHTS_FILE, device="cpu")
     for name, tensor in state.items():
@@ -255,6 +290,16 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bu
             raise BundleError(f"{directory / WEIGHTS_FILE}: {prefix} weights do not match config.json's architecture: {str(e).splitlines()[0]}") from None
     if "logit_scale" not in state:
         raise BundleError(f"{directory / WEIGHTS_FILE}: no logit_scale tensor")
+    expert = None
+    if expert_cfg is not None:
+        expert = FrameExpert.build(expert_cfg)
+        part = {k[len("expert."):]: v.reshape(()) if k == "expert.logit_scale" else v
+                for k, v in state.items() if k.startswith("expert.")}
+        try:
+            expert.load_state_dict(part, strict=True)
+        except RuntimeError as e:
+            raise BundleError(f"{directory / WEIGHTS_FILE}: expert weights do not match config.json's expert: {str(e).splitlines()[0]}") from None
+        expert = expert.to(device)
     bundle = Bundle(frame.to(device), loc.to(device), refiner.to(device) if refiner is not None else None,
-                    state["logit_scale"].to(device), config, directory / GALLERY_FILE if has_gallery else None)
+                    state["logit_scale"].to(device), config, directory / GALLERY_FILE if has_gallery else None, expert)
     return bundle.eval()

@@ -39,6 +39,7 @@ from vidtag.models.geoclip_head import (
     GeoCLIPHead,
     zero_shot_unavailable,
 )
+from vidtag.models.frame_expert import FrameExpert
 from vidtag.models.location_encoder import GEOCLIP_SIGMAS, LocationEncoder
 from vidtag.seeding import seeded
 from vidtag.train import loop
@@ -47,6 +48,7 @@ from vidtag.train.checkpoint import load_checkpoint, restore
 from vidtag.train.losses import contrastive_loss, positive_targets
 
 CHECKPOINT_DIR = "checkpoint"
+EXPERT_DIR = "expert"  # Phase I's output folder holds the per-frame expert's run here (vidtag.models.frame_expert)
 KINDS = ("vidtag", "geoclip_finetune", "geoclip_zero_shot")  # Phase1Config.kind, see the module docstring
 REFINED_KINDS = ("vidtag",)  # kinds Phase II refines; the others are final after Phase I (`train_phase2` passes them on)
 GEOCLIP_KINDS = ("geoclip_finetune", "geoclip_zero_shot")  # kinds whose frame encoder is GeoCLIP's image head
@@ -287,6 +289,14 @@ def load_phase1(directory: str | Path, device: str | torch.device = "cpu") -> tu
         model = build_phase1_model(VidTAGConfig.from_dict(ckpt.state["config"]["model"]))  # random init, replaced below
     restore(ckpt, {"phase1": model})
     return model.to(device).eval(), ckpt.state["config"]
+
+
+def load_frame_expert(directory: str | Path, device: str | torch.device = "cpu") -> FrameExpert | None:
+    """The per-frame expert trained beside Phase I (``directory/expert``), or None when Phase I trained none."""
+    if not (Path(directory) / EXPERT_DIR / CHECKPOINT_DIR).exists():
+        return None
+    model, _ = load_phase1(Path(directory) / EXPERT_DIR, device)
+    return FrameExpert(model.frame_encoder, model.location_encoder, model.logit_scale).eval()
 
 
 def _geoclip_phase1_shell(model: dict[str, Any]) -> Phase1Model:

@@ -25,7 +25,7 @@ from vidtag.train import loop
 from vidtag.train.batches import sample_frames
 from vidtag.train.losses import gps_km_loss, weighted_hinge_loss
 from vidtag.train.noise import NoiseConfig, corrupt_gps
-from vidtag.train.phase1 import Phase1Model, load_phase1, retrieval_metrics, tied_positions
+from vidtag.train.phase1 import Phase1Model, load_frame_expert, load_phase1, retrieval_metrics, tied_positions
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,7 @@ def train_phase2(
 
     attrs = dict(getattr(features, "attrs", {}) or {})
     training = {"phase1": p1_config["train"], "phase2": asdict(cfg)}
-    bundle = assemble_bundle(phase1.frame_encoder, phase1.location_encoder, refiner, phase1.logit_scale, model_cfg, attrs, training, gallery_path)
+    bundle = assemble_bundle(phase1.frame_encoder, phase1.location_encoder, refiner, phase1.logit_scale, model_cfg, attrs, training,
+                             gallery_path, expert=load_frame_expert(phase1_dir))
     save_bundle(out_dir, bundle)
     return metrics
