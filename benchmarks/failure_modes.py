@@ -12,7 +12,8 @@ candidate dropped:
 * ``collapse``: ``--burst`` consecutive frames whose top-1 freezes on the stretch's first answer.
 
 For each, the per-frame argmax and the Viterbi path (the inference path's settings: the train split's step
-scale, floored at the gallery's spacing, dead zone of one scale) are scored against the truth: frame
+scale, floored at the gallery's spacing, dead zone of one scale), each also smoothed over +-``--smooth-frames``
+frames (vidtag.smoothing; default the bundle's evaluated setting, none for ``--synthetic``), are scored against the truth: frame
 accuracy at 1 km, median, DFD (km), the share of frames more than 25 km off, and ``recovered``: the share of
 corrupted frames whose answer lies within 1 km of the clean lattice's argmax again.
 
@@ -38,6 +39,7 @@ import torch
 from vidtag.decode import DecodeConfig, transition_scales_km, viterbi
 from vidtag.geo import destination_point, haversine_km
 from vidtag.metrics import evaluate
+from vidtag.smoothing import smooth_sequences
 
 MODES = ("clean", "burst", "jitter", "collapse")
 
@@ -126,9 +128,12 @@ def run(lat: Lattice, args, far_points=None) -> dict:
     for mode in MODES:
         bad, hit = (lat, np.zeros(len(rows), bool)) if mode == "clean" else corrupt(
             lat, mode, rng, margin_nats=args.margin_nats, burst=args.burst, jitter_km=args.jitter_km, far_points=far_points)
-        out[mode] = {"argmax": scores(bad, bad.latlon[:, 0], clean, hit),
-                     "viterbi": scores(bad, bad.latlon[rows, decode(bad, cfg)], clean, hit),
-                     "n_corrupted": int(hit.sum())}
+        answers = {"argmax": bad.latlon[:, 0], "viterbi": bad.latlon[rows, decode(bad, cfg)]}
+        if args.smooth_frames:
+            for name in list(answers):
+                answers[f"{name}+median"] = smooth_sequences(answers[name], bad.offsets, args.smooth_frames).numpy()
+        out[mode] = {name: scores(bad, a, clean, hit) for name, a in answers.items()}
+        out[mode]["n_corrupted"] = int(hit.sum())
     return out
 
 
@@ -166,6 +171,7 @@ def model_lattice(args) -> tuple[Lattice, np.ndarray]:
     bundle = load_bundle(args.model, args.device)
     if bundle.gallery_path is None:
         raise SystemExit(f"{args.model} carries no gallery; give the evaluated bundle (cache/bundle), which does")
+    args.recorded_smooth_frames = (bundle.config.get("inference") or {}).get("smooth_frames", 0)
     rows = np.flatnonzero((manifest["split"] == args.split).to_numpy())
     m = manifest[rows]
     offsets, ids = offsets_from_sequence_ids(m["sequence_id"].to_list())
@@ -209,18 +215,22 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=5, help="frames in a burst or a collapsed stretch")
     ap.add_argument("--jitter-km", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smooth-frames", type=int, default=None, help="also score each answer smoothed over +-N frames "
+                                                                     "[default: the bundle's eval.smooth_frames; 0 = not]")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
     lat, gallery = (synthetic_lattice(), None) if args.synthetic else model_lattice(args)
+    if args.smooth_frames is None:
+        args.smooth_frames = 0 if args.synthetic else int(args.recorded_smooth_frames)
     res = run(lat, args, gallery)
     print(f"{len(lat.score)} frames in {len(lat.offsets) - 1} drives, K={lat.score.shape[1]}, step {lat.step_km * 1000:.1f} m, "
           f"resolution {lat.resolution_km * 1000:.0f} m, margin {args.margin_nats} nats")
-    print(f"{'mode':10s}{'decode':9s}{'acc@1km':>9s}{'median km':>11s}{'DFD km':>10s}{'>25km %':>9s}{'recovered %':>13s}")
+    print(f"{'mode':10s}{'decode':16s}{'acc@1km':>9s}{'median km':>11s}{'DFD km':>10s}{'>25km %':>9s}{'recovered %':>13s}")
     for mode, r in res.items():
-        for name in ("argmax", "viterbi"):
+        for name in (k for k in r if k != "n_corrupted"):
             s = r[name]
             rec = "" if s["recovered_pct"] is None else f"{s['recovered_pct']:.1f}"
-            print(f"{mode:10s}{name:9s}{s['acc_1km']:9.2f}{s['median_km']:11.3f}{s['dfd_km']:10.3f}{s['off_25km_pct']:9.2f}{rec:>13s}")
+            print(f"{mode:10s}{name:16s}{s['acc_1km']:9.2f}{s['median_km']:11.3f}{s['dfd_km']:10.3f}{s['off_25km_pct']:9.2f}{rec:>13s}")
     if args.out:
         from vidtag.io import write_json_atomic
 

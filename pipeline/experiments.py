@@ -10,6 +10,10 @@ Each experiment is the committed pipeline with a few params overridden (``dvc ex
 * Table 5 (gallery resolution 1 / 0.5 / 0.1 km), Table 7 (alpha 1 / 10 / 100, beta 1, on the paper-literal refiner: Eqs. 2-5 and embedding outputs) and Table 10 (training
   sequences of 4 / 8 / 16 frames in both phases).
 * Table 6's CLIP + SigLIP row (``backbone.dino.kind=open_clip``: an open_clip tower in the second slot).
+* The demo's additions to Fig. 5 (a per-frame expert and smoothing, README "Trajectory shape") stay on in every
+  row but those whose model already sees each frame alone (the DINOv2 row without TempGeo, GeoCLIP), so that rows
+  compare like with like; three rows take them off again, evaluation only: Fig. 5 as published, expert only,
+  smoothing only.
 * Beyond the paper (App. L): argmax and Viterbi answers side by side, the 1 km gallery with local refinement, and
   the baseline trained from two more seeds (``phase1.seed``, ``phase2.seed``; toy world and features unchanged),
   so that a difference between rows can be read against the spread of one run of the demo.
@@ -88,6 +92,10 @@ class Row:
     note: str = ""
 
 
+# The committed demo adds a per-frame expert and smoothing to Fig. 5 (README "Trajectory shape"). A model that sees
+# each frame alone already (no TempGeo, or GeoCLIP's image head) has nothing for an expert to add: its rows go without.
+NO_EXPERT = ("phase1.frame_expert=false", "eval.expert_weight=0")
+
 EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment(BASELINE),
     Experiment("paper-t5-gallery-1km", ("gallery.resolution_km=1.0",)),
@@ -99,16 +107,20 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("paper-t10-seq-4", ("phase1.seq_len=4", "phase2.seq_len=4")),
     Experiment("paper-t10-seq-8", ("phase1.seq_len=8", "phase2.seq_len=8")),
     Experiment("paper-t10-seq-16", ("phase1.seq_len=16", "phase2.seq_len=16")),
-    Experiment("paper-t4-dino", ("phase1.model.frame.backbones=[dino]", "phase1.model.frame.tempgeo_layers=0")),
+    Experiment("paper-t4-dino", ("phase1.model.frame.backbones=[dino]", "phase1.model.frame.tempgeo_layers=0", *NO_EXPERT)),
     Experiment("paper-t4-dino-tempgeo", ("phase1.model.frame.backbones=[dino]",)),
     Experiment("paper-t6-clip-siglip", ("backbone.dino.kind=open_clip",)),
     Experiment("beyond-gallery-1km-refine", ("gallery.resolution_km=1.0", "eval.refine=true")),
     # The same pipeline trained from other seeds (features and toy world unchanged): how far one run of the demo is
     # from another, so that a difference between rows, or between argmax and Viterbi, can be read against it.
+    # the same trained models, answered without the expert's scores and/or without smoothing (evaluation only)
+    Experiment("beyond-fig5", ("eval.expert_weight=0", "eval.smooth_frames=0")),
+    Experiment("beyond-expert-only", ("eval.smooth_frames=0",)),
+    Experiment("beyond-smoothing-only", ("eval.expert_weight=0",)),
     Experiment("beyond-seed-1", ("phase1.seed=1", "phase2.seed=1")),
     Experiment("beyond-seed-2", ("phase1.seed=2", "phase2.seed=2")),
-    Experiment("paper-geoclip-finetune", ("phase1.kind=geoclip_finetune",)),
-    Experiment("paper-geoclip-zero-shot", ("phase1.kind=geoclip_zero_shot",), needs_real_clip=True),
+    Experiment("paper-geoclip-finetune", ("phase1.kind=geoclip_finetune", *NO_EXPERT)),
+    Experiment("paper-geoclip-zero-shot", ("phase1.kind=geoclip_zero_shot", *NO_EXPERT), needs_real_clip=True),
 )
 
 ROWS: tuple[Row, ...] = (
@@ -137,6 +149,10 @@ ROWS: tuple[Row, ...] = (
     Row("Beyond (App. L)", "Phase I + Viterbi", BASELINE, "phase1_viterbi"),
     Row("Beyond (App. L)", "final, per-frame argmax", BASELINE),
     Row("Beyond (App. L)", "final + Viterbi", BASELINE, "final_viterbi"),
+    Row("Beyond (App. L)", "final, Fig. 5 as published (no expert, no smoothing)", "beyond-fig5"),
+    Row("Beyond (App. L)", "Phase I, Fig. 5 as published", "beyond-fig5", "phase1"),
+    Row("Beyond (App. L)", "final, per-frame expert, no smoothing", "beyond-expert-only"),
+    Row("Beyond (App. L)", "final, smoothing, no expert", "beyond-smoothing-only"),
     Row("Beyond (App. L)", "gallery 1 km", "paper-t5-gallery-1km"),
     Row("Beyond (App. L)", "gallery 1 km + local refinement", "beyond-gallery-1km-refine"),
     Row("Beyond (App. L)", "gallery 0.1 km", "paper-t5-gallery-0.1km"),

@@ -49,8 +49,10 @@ def main() -> None:
     # Validation retrieves against the validation frames' own GPS (App. D.2), so training depends on the
     # manifest alone and a change of the evaluation gallery re-runs only `evaluate`.
     gallery = split_points(m.df, "val") if (m.df["split"] == "val").any() else None
-    if with_expert and cfg.kind != "vidtag":
-        raise SystemExit(f"phase1.frame_expert is for the vidtag model; phase1.kind {cfg.kind} has no TempGeo to complement")
+    if with_expert and (cfg.kind != "vidtag" or model_cfg.frame.tempgeo_layers == 0):
+        raise SystemExit(f"phase1.frame_expert: true adds a model that sees each frame alone to one with TempGeo; this "
+                         f"model ({'phase1.kind ' + cfg.kind if cfg.kind != 'vidtag' else 'tempgeo_layers: 0'}) sees each "
+                         "frame alone already: set phase1.frame_expert: false (and eval.expert_weight: 0)")
     code = code_fingerprint("pipeline.train_phase1")
     out = Path(args.out)
     metrics = run_resumable(

@@ -75,3 +75,13 @@ def test_the_antimeridian_and_the_pole_are_ordinary_places():
 def test_bad_window_is_refused(half):
     with pytest.raises(InferenceError, match="smooth_frames"):
         smooth(line(4), half)
+
+
+def test_sequences_stored_one_after_another_are_smoothed_apart():
+    from vidtag.smoothing import smooth_sequences
+
+    a, b, c = line(7), line(3, lat0=-33.87, lon0=151.21), line(12, lat0=40.0, lon0=-74.0)
+    out = smooth_sequences(np.concatenate([a, b, c]), [0, 7, 10, 22], 2).numpy()
+    np.testing.assert_allclose(out[:7], smooth(a, 2), atol=1e-12)
+    np.testing.assert_allclose(out[7:10], smooth(b, 2), atol=1e-12)
+    np.testing.assert_allclose(out[10:], smooth(c, 2), atol=1e-12)

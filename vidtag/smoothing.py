@@ -60,3 +60,18 @@ def smooth_tracks(latlon: torch.Tensor, valid: torch.Tensor, half: int) -> torch
     ok = valid & (torch.linalg.vector_norm(med, dim=-1) > 1e-9)
     out[ok] = latlon_from_vectors(med[ok])
     return out
+
+
+def smooth_sequences(latlon, offsets, half: int) -> torch.Tensor:
+    """(M, 2) degrees of S sequences stored one after another (sequence s is rows ``offsets[s]:offsets[s+1]``)
+    -> (M, 2) float64 degrees, each sequence smoothed on its own (:func:`smooth_tracks`)."""
+    x = torch.as_tensor(latlon, dtype=torch.float64)
+    bounds = [int(o) for o in offsets]
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if not lengths or x.shape[0] != bounds[-1]:
+        return smooth_tracks(x[None], torch.ones(1, x.shape[0], dtype=torch.bool), half)[0]
+    t = max(lengths)
+    valid = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]  # (S, T)
+    padded = torch.zeros(len(lengths), t, 2, dtype=torch.float64)
+    padded[valid] = x
+    return smooth_tracks(padded, valid, half)[valid]
