@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from failure_modes import Lattice, decode, lattice_from_located, scores
 
-from vidtag.decode import DecodeConfig, _half_angle_trig, _pairwise_km
+from vidtag.decode import DecodeConfig, candidate_distances_km, log_transitions
 from vidtag.geo import haversine_km
 
 TEMPERATURE_FACTORS = (4.0, 16.0, 64.0)
@@ -55,10 +55,10 @@ def posterior(lat: Lattice, cfg: DecodeConfig) -> list[torch.Tensor]:
     out = []
     for a, b in zip(lat.offsets[:-1], lat.offsets[1:]):
         log_e = torch.log_softmax(torch.from_numpy(lat.score[a:b]).double() * math.exp(lat.logit_scale), dim=1)  # (T, K)
-        trig = _half_angle_trig(torch.from_numpy(lat.latlon[a:b])[None])  # (5, 1, T, K)
+        cand = torch.from_numpy(lat.latlon[a:b])  # (T, K, 2)
         n = b - a
-        log_a = [None] + [-(cfg.transition_weight / scale) * (_pairwise_km(trig[:, :, t - 1], trig[:, :, t])[0]
-                                                               - cfg.free_scales * scale).clamp_min(0.0) for t in range(1, n)]
+        step = candidate_distances_km(cand[:-1], cand[1:])  # (T - 1, K, K): [t - 1, previous k, current j]
+        log_a = [None] + list(log_transitions(step, scale, cfg.transition_weight, cfg.free_scales))  # Viterbi's, exactly
         fwd = torch.empty_like(log_e)
         bwd = torch.zeros_like(log_e)
         fwd[0] = log_e[0]
@@ -75,8 +75,7 @@ def posterior_answers(lat: Lattice, cfg: DecodeConfig, radius_km: float = 1.0) -
     mm, mbr = [], []
     for (a, b), post in zip(zip(lat.offsets[:-1], lat.offsets[1:]), posterior(lat, cfg)):
         cand = torch.from_numpy(lat.latlon[a:b])  # (T, K, 2)
-        trig = _half_angle_trig(cand[None])[:, 0]  # (5, T, K)
-        near = _pairwise_km(trig, trig) <= radius_km  # (T, K, K)
+        near = candidate_distances_km(cand, cand) <= radius_km  # (T, K, K)
         rows = torch.arange(b - a)
         mm.append(cand[rows, post.argmax(dim=1)].numpy())
         mbr.append(cand[rows, (post[:, None, :] * near).sum(dim=-1).argmax(dim=1)].numpy())

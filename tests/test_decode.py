@@ -324,3 +324,22 @@ def test_dead_zone_lets_the_path_follow_the_camera():
     log_far = log_e.clone()
     log_far[0, 3] = torch.log(torch.tensor([0.2, 0.8]))
     assert viterbi(log_far, far, step_km=0.04, free_scales=1.0).index[0, 3] == 0
+
+
+def test_the_public_transitions_score_viterbis_path():
+    """A path's log score is its emissions plus log_transitions of candidate_distances_km along it: the public pair
+    is what Viterbi maximises (a study of other decoders over the same HMM uses them, benchmarks/decoder_study.py)."""
+    from vidtag.decode import candidate_distances_km, log_transitions
+
+    rng = np.random.default_rng(3)
+    log_e, cand, _, _ = random_lattice(rng, 1, 9, 5)
+    log_e, cand = log_e.clamp_min(-50.0), torch.nan_to_num(cand, nan=PARIS[0])  # every candidate real here
+    out = viterbi(log_e, cand, step_km=0.3, transition_weight=1.7, free_scales=1.0)
+    path = out.index[0]
+    dist = candidate_distances_km(cand[0, :-1], cand[0, 1:])  # (T - 1, K, K)
+    trans = log_transitions(dist.clone(), 0.3, 1.7, 1.0)
+    score = log_e[0, torch.arange(9), path].sum() + trans[torch.arange(8), path[:-1], path[1:]].sum()
+    assert float(out.log_score[0]) == pytest.approx(float(score), rel=1e-12, abs=1e-9)
+    d = geo.haversine_km(cand[0, 0, :, 0].numpy()[:, None], cand[0, 0, :, 1].numpy()[:, None],
+                         cand[0, 1, :, 0].numpy()[None], cand[0, 1, :, 1].numpy()[None])
+    np.testing.assert_allclose(dist[0].numpy(), d, atol=1e-9)

@@ -96,6 +96,20 @@ def _pairwise_km(prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
     return h.clamp_(0.0, 1.0).sqrt_().asin_().mul_(2 * EARTH_RADIUS_KM)
 
 
+def candidate_distances_km(prev_latlon: torch.Tensor, cur_latlon: torch.Tensor) -> torch.Tensor:
+    """Haversine km (B, K, J) [k, j] from each of (B, K, 2) previous candidates to each of (B, J, 2) current ones
+    (degrees): the distances the transitions score, computed as :func:`viterbi` computes them."""
+    return _pairwise_km(_half_angle_trig(prev_latlon.double()), _half_angle_trig(cur_latlon.double()))
+
+
+def log_transitions(dist_km: torch.Tensor, scale_km, weight: float = 1.0, free_scales: float = 0.0) -> torch.Tensor:
+    """The decoder's log transition scores of moves of ``dist_km``: ``-weight * max(dist - free_scales * scale, 0)
+    / scale`` (module docstring). Works in place on ``dist_km`` (pass a copy to keep it); ``scale_km`` broadcasts."""
+    if free_scales > 0:
+        dist_km = dist_km.sub_(scale_km * free_scales).clamp_(min=0.0)  # only the excess over the dead zone
+    return dist_km.div_(scale_km).mul_(-weight)
+
+
 def _check_inputs(log_emission, cand_latlon, pad_mask, dt_s):
     if log_emission.ndim != 3:
         raise DecodeError(f"log_emission must be (B, T, K); found shape {tuple(log_emission.shape)}")
@@ -214,9 +228,7 @@ def viterbi(
         if weight > 0:
             dist_km = _pairwise_km(prev_trig, cur)  # (B, K, K): [previous j, current i]
             scale_km = gap_km.clamp_min(min_scale_km)[:, None, None]  # (B, 1, 1)
-            if free > 0:
-                dist_km = dist_km.sub_(scale_km * free).clamp_(min=0.0)  # only the excess over the dead zone
-            trans = dist_km.div_(scale_km).mul_(-weight).add_(delta[:, :, None])  # (B, K, K), in place
+            trans = log_transitions(dist_km, scale_km, weight, free).add_(delta[:, :, None])  # (B, K, K), in place
         else:
             trans = delta[:, :, None].expand(b, k, k)  # (B, K, K): no transition cost at all
         best, arg = trans.max(dim=1)  # (B, K) over j; ties go to the lowest j
