@@ -55,6 +55,7 @@ def test_params_files_build_every_stage_config(path):
     assert set(runtime) <= known, set(runtime) - known
     p1 = dict(params["phase1"])
     VidTAGConfig.from_dict(p1.pop("model", {}) or {})
+    assert isinstance(p1.pop("frame_expert", False), bool)  # read by the train_phase1 stage itself
     build_config(Phase1Config, p1)
     p2 = dict(params["phase2"])
     GeoRefinerConfig(**(p2.pop("refiner", {}) or {}))
