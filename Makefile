@@ -28,7 +28,7 @@ demo: install
 
 # What CI runs: every test, the end-to-end `dvc repro` and kill -9 resume tests included. One worker per core
 # (pytest-xdist; each worker runs torch on one thread, tests/conftest.py), whole files per worker so that a
-# module's fixtures are built once: 7 minutes on 2 cores where one process took 11.
+# module's fixtures are built once: 9 minutes on 2 cores where one process took 11 (before the suite grew).
 TEST_WORKERS ?= auto
 test: install
 	$(PY) -m pytest -q -x --durations=15 -n $(TEST_WORKERS) --dist loadfile
