@@ -120,3 +120,26 @@ def test_smoothing_reports_the_median_of_the_answers_along_each_sequence(pair):
     # the final answers are smoothed too (and the GeoRefiner read the smoothed Phase I): not Fig. 5's gallery points
     on_gallery = {tuple(p) for p in grid()}
     assert any(tuple(p) not in on_gallery for p in out.select("lat", "lon").to_numpy())
+
+
+def test_predict_answers_as_the_bundle_was_evaluated_unless_told_otherwise(tmp_path):
+    """`evaluate` records eval.expert_weight and eval.smooth_frames in the bundle (config.json "inference"); an
+    InferenceConfig that leaves them None takes those, an explicit value wins, and a bundle without an expert
+    answers as Fig. 5 whatever it records."""
+    from dataclasses import replace
+
+    from vidtag.inference import bundle_settings
+
+    b = expert_bundle(tmp_path / "b", grid())
+    recorded = replace(b, config={**b.config, "inference": {"expert_weight": 2.0, "smooth_frames": 3}})
+    assert (bundle_settings(recorded, InferenceConfig()).expert_weight, bundle_settings(recorded, InferenceConfig()).smooth_frames) == (2.0, 3)
+    told = bundle_settings(recorded, InferenceConfig(expert_weight=0.0, smooth_frames=0))
+    assert (told.expert_weight, told.smooth_frames) == (0.0, 0)
+    assert bundle_settings(b, InferenceConfig()).expert_weight == 0.0  # nothing recorded: Fig. 5
+    no_expert = replace(recorded, expert=None)
+    assert bundle_settings(no_expert, InferenceConfig()).expert_weight == 0.0
+    clip, dino, offsets = features([7, 4], seed=8)
+    by_default = predict_sequences(recorded, clip, dino, None, offsets, device="cpu")
+    spelled_out = predict_sequences(b, clip, dino, None, offsets, device="cpu",
+                                    cfg=InferenceConfig(expert_weight=2.0, smooth_frames=3))
+    assert by_default.equals(spelled_out)
