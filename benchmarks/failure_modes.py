@@ -156,8 +156,9 @@ def synthetic_lattice(n_drives=6, n_frames=40, k=16, step_km=0.02, seed=0) -> La
                    np.arange(n_drives + 1) * n_frames, math.log(100.0), step_km, 0.1)
 
 
-def model_lattice(args) -> tuple[Lattice, np.ndarray]:
-    """The eval split's lattice as the trained model gives it (the same inference path as the evaluate stage)."""
+def model_lattice(args) -> tuple[Lattice, np.ndarray, int]:
+    """The eval split's lattice as the trained model gives it (the same inference path as the evaluate stage), the
+    gallery, and the smoothing window the bundle was evaluated with."""
     from vidtag.data.manifest import manifest_fingerprint, read_manifest
     from vidtag.evaluation import train_step_km
     from vidtag.features.store import load_features
@@ -171,7 +172,6 @@ def model_lattice(args) -> tuple[Lattice, np.ndarray]:
     bundle = load_bundle(args.model, args.device)
     if bundle.gallery_path is None:
         raise SystemExit(f"{args.model} carries no gallery; give the evaluated bundle (cache/bundle), which does")
-    args.recorded_smooth_frames = (bundle.config.get("inference") or {}).get("smooth_frames", 0)
     rows = np.flatnonzero((manifest["split"] == args.split).to_numpy())
     m = manifest[rows]
     offsets, ids = offsets_from_sequence_ids(m["sequence_id"].to_list())
@@ -182,7 +182,8 @@ def model_lattice(args) -> tuple[Lattice, np.ndarray]:
     found, gallery = locate_sequences(bundle, features.clip[rows], features.dino[rows], features.valid[rows], offsets, gallery,
                                       sequence_ids=ids, cfg=InferenceConfig(top_k=args.top_k, step_km=step_km),
                                       device=args.device, top_k=args.top_k)
-    return lattice_from_located(found, args.stage, m, float(bundle.logit_scale), step_km, gallery), gallery
+    recorded = (bundle.config.get("inference") or {}).get("smooth_frames", 0)
+    return lattice_from_located(found, args.stage, m, float(bundle.logit_scale), step_km, gallery), gallery, int(recorded)
 
 
 def lattice_from_located(found, stage: str, m: pl.DataFrame, logit_scale: float, step_km: float, gallery: np.ndarray) -> Lattice:
@@ -219,9 +220,9 @@ def main() -> None:
                                                                      "[default: the bundle's eval.smooth_frames; 0 = not]")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
-    lat, gallery = (synthetic_lattice(), None) if args.synthetic else model_lattice(args)
+    lat, gallery, recorded = (synthetic_lattice(), None, 0) if args.synthetic else model_lattice(args)
     if args.smooth_frames is None:
-        args.smooth_frames = 0 if args.synthetic else int(args.recorded_smooth_frames)
+        args.smooth_frames = recorded
     res = run(lat, args, gallery)
     print(f"{len(lat.score)} frames in {len(lat.offsets) - 1} drives, K={lat.score.shape[1]}, step {lat.step_km * 1000:.1f} m, "
           f"resolution {lat.resolution_km * 1000:.0f} m, margin {args.margin_nats} nats")

@@ -53,7 +53,7 @@ def main() -> None:
     if per_dataset:
         result.metrics["datasets"] = {name: r.metrics for name, r in per_dataset.items()}
     # the evaluated settings travel with the model: `vidtag predict --model <bundle>` answers as this evaluation did
-    inference = {"expert_weight": cfg.expert_weight if bundle.expert is not None else 0.0, "smooth_frames": cfg.smooth_frames}
+    inference = {"expert_weight": cfg.expert_weight, "smooth_frames": cfg.smooth_frames}  # a weight without an expert failed above
     save_bundle(args.bundle, dataclasses.replace(bundle, gallery_path=Path(args.gallery),
                                                  config={**bundle.config, "inference": inference}))
     maps = write_reports(result, predictions=args.predictions, metrics=args.metrics, per_sequence_csv=args.per_sequence,

@@ -85,3 +85,5 @@ def test_sequences_stored_one_after_another_are_smoothed_apart():
     np.testing.assert_allclose(out[:7], smooth(a, 2), atol=1e-12)
     np.testing.assert_allclose(out[7:10], smooth(b, 2), atol=1e-12)
     np.testing.assert_allclose(out[10:], smooth(c, 2), atol=1e-12)
+    with pytest.raises(InferenceError, match="offsets"):
+        smooth_sequences(np.concatenate([a, b]), [0, 7, 11], 2)  # 10 rows, offsets for 11

@@ -68,8 +68,8 @@ def smooth_sequences(latlon, offsets, half: int) -> torch.Tensor:
     x = torch.as_tensor(latlon, dtype=torch.float64)
     bounds = [int(o) for o in offsets]
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    if not lengths or x.shape[0] != bounds[-1]:
-        return smooth_tracks(x[None], torch.ones(1, x.shape[0], dtype=torch.bool), half)[0]
+    if not lengths or bounds[0] != 0 or bounds[-1] != x.shape[0] or min(lengths) < 0:
+        raise InferenceError(f"offsets must rise from 0 to the number of rows ({x.shape[0]}); found {bounds[:3]}...{bounds[-2:]}")
     t = max(lengths)
     valid = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]  # (S, T)
     padded = torch.zeros(len(lengths), t, 2, dtype=torch.float64)

@@ -246,8 +246,7 @@ def _check_shapes(directory: Path, kind: str, model: dict[str, Any], expert_cfg:
         with torch.device("meta"):
             want.update({f"expert.{k}": tuple(v.shape) for k, v in FrameExpert.build(expert_cfg).state_dict().items()})
     for name in sorted(set(want) | set(found)):
-        scalar = name in ("logit_scale", "expert.logit_scale")
-        if want.get(name) != found.get(name) and not (scalar and found.get(name) in ((), (1,))):
+        if want.get(name) != found.get(name) and not (name == "logit_scale" and found.get(name) in ((), (1,))):
             what = ("missing from the weights" if name not in found else "not part of this architecture" if name not in want
                     else f"shaped {list(found[name])} in the weights, {list(want[name])} in config.json")
             raise BundleError(f"{weights}: tensor {name!r} is {what}; config.json and the weights disagree")
@@ -275,12 +274,13 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bu
     expert_cfg = _expert_model(config, str(directory / CONFIG_FILE))
     _check_shapes(directory, kind, config["model"], expert_cfg)  # before anything is allocated: dims cannot blow up memory
     frame, loc, refiner = _build_for_kind(kind, config["model"])  # random init, replaced by the saved weights below
+    expert = FrameExpert.build(expert_cfg) if expert_cfg is not None else None
     state = load_file(directory / WEIGHTS_FILE, device="cpu")
     for name, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise BundleError(f"{directory / WEIGHTS_FILE}: tensor {name!r} holds NaN or infinite values; the model "
                               "cannot predict with it (retrain, or use another bundle)")
-    for prefix, module in (("frame_encoder", frame), ("location_encoder", loc), ("refiner", refiner)):
+    for prefix, module in (("frame_encoder", frame), ("location_encoder", loc), ("refiner", refiner), ("expert", expert)):
         if module is None:
             continue
         part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
@@ -290,16 +290,7 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bu
             raise BundleError(f"{directory / WEIGHTS_FILE}: {prefix} weights do not match config.json's architecture: {str(e).splitlines()[0]}") from None
     if "logit_scale" not in state:
         raise BundleError(f"{directory / WEIGHTS_FILE}: no logit_scale tensor")
-    expert = None
-    if expert_cfg is not None:
-        expert = FrameExpert.build(expert_cfg)
-        part = {k[len("expert."):]: v.reshape(()) if k == "expert.logit_scale" else v
-                for k, v in state.items() if k.startswith("expert.")}
-        try:
-            expert.load_state_dict(part, strict=True)
-        except RuntimeError as e:
-            raise BundleError(f"{directory / WEIGHTS_FILE}: expert weights do not match config.json's expert: {str(e).splitlines()[0]}") from None
-        expert = expert.to(device)
     bundle = Bundle(frame.to(device), loc.to(device), refiner.to(device) if refiner is not None else None,
-                    state["logit_scale"].to(device), config, directory / GALLERY_FILE if has_gallery else None, expert)
+                    state["logit_scale"].to(device), config, directory / GALLERY_FILE if has_gallery else None,
+                    expert.to(device) if expert is not None else None)
     return bundle.eval()
