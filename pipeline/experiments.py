@@ -14,7 +14,8 @@ Each experiment is the committed pipeline with a few params overridden (``dvc ex
   row but those whose model already sees each frame alone (the DINOv2 row without TempGeo, GeoCLIP), so that rows
   compare like with like; three rows take them off again, evaluation only: Fig. 5 as published, expert only,
   smoothing only.
-* Beyond the paper (App. L): argmax and Viterbi answers side by side, the 1 km gallery with local refinement, and
+* Beyond the paper (App. L): argmax and Viterbi answers side by side, the 1 km gallery with local refinement (and
+  with the candidates re-ranked by their refined scores, ``eval.refine_rerank``), and
   the baseline trained from two more seeds (``phase1.seed``, ``phase2.seed``; toy world and features unchanged),
   so that a difference between rows can be read against the spread of one run of the demo.
 
@@ -111,6 +112,8 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("paper-t4-dino-tempgeo", ("phase1.model.frame.backbones=[dino]",)),
     Experiment("paper-t6-clip-siglip", ("backbone.dino.kind=open_clip",)),
     Experiment("beyond-gallery-1km-refine", ("gallery.resolution_km=1.0", "eval.refine=true")),
+    # refinement as the issue first read it: candidates re-scored by their best lattice point and re-sorted (vidtag.refine)
+    Experiment("beyond-gallery-1km-refine-rerank", ("gallery.resolution_km=1.0", "eval.refine=true", "eval.refine_rerank=true")),
     # The same pipeline trained from other seeds (features and toy world unchanged): how far one run of the demo is
     # from another, so that a difference between rows, or between argmax and Viterbi, can be read against it.
     # the same trained models, answered without the expert's scores and/or without smoothing (evaluation only)
@@ -154,7 +157,11 @@ ROWS: tuple[Row, ...] = (
     Row("Beyond (App. L)", "final, per-frame expert, no smoothing", "beyond-expert-only"),
     Row("Beyond (App. L)", "final, smoothing, no expert", "beyond-smoothing-only"),
     Row("Beyond (App. L)", "gallery 1 km", "paper-t5-gallery-1km"),
+    Row("Beyond (App. L)", "gallery 1 km + Viterbi", "paper-t5-gallery-1km", "final_viterbi"),
     Row("Beyond (App. L)", "gallery 1 km + local refinement", "beyond-gallery-1km-refine"),
+    Row("Beyond (App. L)", "gallery 1 km + local refinement + Viterbi", "beyond-gallery-1km-refine", "final_viterbi"),
+    Row("Beyond (App. L)", "gallery 1 km + local refinement, cells re-ranked by their refined scores",
+        "beyond-gallery-1km-refine-rerank"),
     Row("Beyond (App. L)", "gallery 0.1 km", "paper-t5-gallery-0.1km"),
     *(Row("Beyond (App. L)", f"{what}, training seed {seed}", f"beyond-seed-{seed}", reads)
       for seed in (1, 2) for what, reads in (("Phase I, per-frame argmax", "phase1"), ("Phase I + Viterbi", "phase1_viterbi"),

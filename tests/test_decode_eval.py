@@ -151,6 +151,29 @@ def test_refinement_in_the_inference_path_moves_answers_within_their_cell(tmp_pa
     assert first[0]["score"] >= first[1]["score"]
 
 
+def test_with_refinement_the_decoder_still_lets_the_path_move_a_cell_a_step(tmp_path):
+    """Refinement moves candidates within their cells only, so the decoder's dead zone stays the gallery's spacing
+    (not the lattice's step): a drive whose refined answers scatter by a few hundred metres, with weak emissions,
+    is followed as argmax follows it instead of being frozen in place by the distance cost."""
+    enc = SmoothEncoder()
+    coarse = paris_grid(1.0, half_km=3.0)
+    bundle = synthetic_bundle(enc, coarse, tmp_path)
+    bundle.logit_scale = torch.tensor(math.log(3.0))  # weak emissions: the transitions weigh
+    rng = np.random.default_rng(0)
+    n = 30
+    along = 0.1 * np.arange(n) - 1.5
+    truth = np.stack(offset_km(*PARIS, np.zeros(n), along), 1)
+    seen = np.stack(offset_km(*PARIS, rng.normal(0, 0.3, n), along + rng.normal(0, 0.3, n)), 1)  # imprecise frames
+    clip, dino = embed(enc, seen).numpy(), np.zeros((n, 1), np.float32)
+    run = dict(gallery=coarse, gallery_emb=embed(enc, coarse).numpy(), device="cpu")
+    cfg = dict(refine=True, refine_step_km=0.025, step_km=0.1)
+    argmax = predict_sequences(bundle, clip, dino, None, np.array([0, n]), cfg=InferenceConfig(**cfg), **run)
+    viterbi = predict_sequences(bundle, clip, dino, None, np.array([0, n]), cfg=InferenceConfig(decode="viterbi", **cfg), **run)
+    assert errors_km(viterbi, truth).mean() <= errors_km(argmax, truth).mean() + 0.02
+    east_km = haversine_km(PARIS[0], viterbi["lon"].min(), PARIS[0], viterbi["lon"].max())
+    assert east_km > 0.9 * (along[-1] - along[0])  # the path spans the drive
+
+
 def test_evaluation_reports_the_chosen_decode_and_compares_both(world, tmp_path):
     rng = np.random.default_rng(1)
     val = [drive(12), drive(12, spacing_km=0.08)]
@@ -183,3 +206,8 @@ def test_evaluation_reports_the_chosen_decode_and_compares_both(world, tmp_path)
     refined = run_evaluation(world.bundle, features, manifest, EvalConfig(refine=True, refine_step_km=0.05), **run).metrics
     assert set(refined["compare"]) == {"argmax", "viterbi", "gallery_top1"} and refined["cost"]["refined_points_embedded"] > 0
     assert refined["compare"]["gallery_top1"] == plain["compare"]["argmax"]  # before refinement: Fig. 5's answer
+    # With smoothing too, gallery_top1 is the smoothed gallery top-1, not the smoothed refined answer.
+    smoothed = run_evaluation(world.bundle, features, manifest, EvalConfig(smooth_frames=2), **run).metrics
+    both = run_evaluation(world.bundle, features, manifest, EvalConfig(smooth_frames=2, refine=True, refine_step_km=0.05), **run).metrics
+    assert both["compare"]["gallery_top1"] == smoothed["compare"]["argmax"]
+    assert both["compare"]["argmax"] != both["compare"]["gallery_top1"]

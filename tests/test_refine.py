@@ -63,16 +63,36 @@ def test_refinement_moves_predictions_to_the_truth():
     after_km = haversine_km(*r_ll[:, 0].numpy().T, *truth.T)
     assert before_km.mean() > 0.25  # a 1 km grid: a few hundred metres off on average
     assert after_km.max() < 0.06 and after_km.mean() < 0.04  # within about a lattice step of the truth
-    # Scores never fall, stay sorted, and moved candidates leave the gallery (index -1).
-    assert (r_s[:, 0] >= score[:, 0]).all()
-    assert (r_s[:, :-1] >= r_s[:, 1:]).all()
+    # Retrieval's ranking and scores stay; moved candidates leave the gallery (index -1) but not their cell.
+    assert torch.equal(r_s, score.float())
     assert (r_i[:, 0] == -1).all()
-    # The refined point's score is the encoder's own similarity there.
+    assert (r_i[r_i >= 0] == index[r_i >= 0]).all()
+    moved_km = haversine_km(*r_ll.reshape(-1, 2).numpy().T, *latlon.reshape(-1, 2).numpy().T)
+    assert moved_km.max() <= math.sqrt(2) * (0.5 + 0.05 / 2)  # within the square of the cell (+ half a lattice step)
+    # Only the first `top` candidates are refined; the others keep their gallery points.
+    assert torch.equal(r_ll[:, 3:], latlon[:, 3:]) and (r_i[:, 3:] >= 0).all()
+
+
+def test_rerank_rescores_the_candidates_and_sorts_them_by_their_refined_score():
+    """``rerank=True``: a candidate takes its best lattice point's score (the encoder's own similarity there,
+    never lower than its gallery point's) and the candidates are re-sorted by it. Here retrieval ranked a
+    neighbouring cell above the truth's own: by default that cell stays first (placed at its edge nearest the
+    truth), reranked the truth's cell wins."""
+    enc = SmoothEncoder()
+    truth = np.stack(offset_km(*PARIS, np.zeros(5), np.linspace(-0.2, 0.2, 5)), 1)  # in the cell of PARIS
+    query = torch.nn.functional.normalize(enc(torch.tensor(truth)), dim=-1)
+    near = np.asarray(PARIS)
+    far = np.asarray(offset_km(*PARIS, 0.0, 1.0))  # the next cell east on a 1 km grid
+    latlon = torch.tensor(np.broadcast_to(np.stack([far, near]), (5, 2, 2)).copy())  # retrieval's claim: far first
+    score = torch.tensor([[0.9, 0.8]] * 5)
+    index = torch.tensor([[1, 0]] * 5)
+    kept_ll, kept_s, kept_i = LocalRefiner(enc, RefineConfig(step_km=0.05, top=2), radius_km=0.5).refine(query, latlon, score, index)
+    r_ll, r_s, r_i = LocalRefiner(enc, RefineConfig(step_km=0.05, top=2, rerank=True), radius_km=0.5).refine(query, latlon, score, index)
+    assert torch.equal(kept_s, score) and (haversine_km(*kept_ll[:, 0].numpy().T, *far) < 0.75).all()  # still the far cell
+    assert (haversine_km(*r_ll[:, 0].numpy().T, *truth.T) < 0.04).all()  # the truth's cell, refined onto the truth
+    assert (r_s[:, 0] >= r_s[:, 1]).all() and (r_i[:, 0] == -1).all()
     direct = (query * torch.nn.functional.normalize(enc(r_ll[:, 0]), dim=-1)).sum(-1)
     torch.testing.assert_close(r_s[:, 0], direct, atol=1e-5, rtol=0)
-    # Only the first `top` candidates are refined; the others keep their gallery points.
-    kept = r_i >= 0
-    assert kept.sum(dim=1).min() >= 6 - 3
 
 
 def test_each_lattice_point_is_embedded_once_per_run():

@@ -30,8 +30,8 @@ A dead zone (``free_scales``, 0 by default; inference uses :class:`DecodeConfig`
 ``log p = -transition_weight * max(0, dist_km - free_scales * scale_km) / scale_km``. Why: the candidates'
 emissions barely tell apart points a few tens of metres apart (their location embeddings are nearly
 equal), so a pure distance cost makes the path stand still while the camera drives on (the "collapse"
-of Fig. 4). With the dead zone a move at the camera's pace (or within the lattice's resolution, which
-inference sets as the floor ``min_scale_km``) is free and the emissions decide it, while a jump of
+of Fig. 4). With the dead zone a move at the camera's pace (or within the gallery's resolution, which
+inference sets as the floor ``min_scale_km``, local refinement or not) is free and the emissions decide it, while a jump of
 kilometres still costs about ``dist / scale`` nats. The cost stays linear, hence additive, beyond the
 zone.
 

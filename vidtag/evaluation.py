@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ class EvalConfig:
     refine_step_km: float = 0.05  # the lattice's spacing (tens of metres)
     refine_radius_km: float | None = None  # half-width searched around a candidate; None = half the gallery spacing
     refine_k: int = 8  # candidates refined per frame
+    refine_rerank: bool = False  # True: refined candidates re-sorted by their refined scores (vidtag.refine)
     expert_weight: float = 0.0  # the per-frame expert's weight in both retrievals (vidtag.models.frame_expert; 0 = Fig. 5)
     smooth_frames: int = 0  # temporal median of every answer over +-this many frames (vidtag.smoothing; 0 = off)
     # Long videos (vidtag.windows): TempGeo and the GeoRefiner run on overlapping windows; 0 = whole sequences.
@@ -86,6 +87,7 @@ def inference_config(cfg: EvalConfig, runtime: EvalRuntime, step_km: float | Non
                            backend=runtime.backend, decode=cfg.decode, top_k=cfg.top_k, max_speed_kmh=cfg.max_speed_kmh,
                            step_km=step_km, transition_weight=cfg.transition_weight, refine=cfg.refine,
                            refine_step_km=cfg.refine_step_km, refine_radius_km=cfg.refine_radius_km, refine_k=cfg.refine_k,
+                           refine_rerank=cfg.refine_rerank,
                            window_frames=cfg.window_frames, window_overlap=cfg.window_overlap,
                            expert_weight=cfg.expert_weight, smooth_frames=cfg.smooth_frames)
 
@@ -231,7 +233,7 @@ def _compare(found: Located, gallery, valid, offsets, ids, m: pl.DataFrame, deco
     if decoded_available:
         answers["viterbi"] = (found, True)
     if refined:
-        answers["gallery_top1"] = (replace(found, candidates={}), False)  # Fig. 5's gallery points, before refinement
+        answers["gallery_top1"] = (found.before_refinement(), False)  # Fig. 5's gallery points, before refinement
     out = {}
     for name, (f, decoded) in answers.items():
         table, _ = _with_truth(frame_table(f, gallery, valid, offsets, ids, decoded=decoded), m, gallery)

@@ -33,11 +33,11 @@ Beyond the paper (App. L), on request, after each of the two retrievals:
   ``k``: it is a mass over many candidates, while decoding costs O(K^2) per frame.
 * **Local refinement** (``vidtag.refine``): the best candidates move to the best point of a fine lattice
   in their gallery cell, scored against the same query (the frame embedding for Phase I, the GeoRefiner's
-  output for the final retrieval).
+  output for the final retrieval). They keep retrieval's ranking and scores unless ``refine_rerank``.
 * **Temporal decoding** (``vidtag.decode``): Viterbi over the candidates of whole sequences picks the
   jointly best path; the transition scale comes from the frames' timestamps where known, else from a step
-  scale (``step_km``), never below the candidates' resolution (the gallery's spacing, or the refinement
-  lattice's step), with a dead zone of one scale (``vidtag.decode``). The GeoRefiner still reads the Phase I top-1 (Fig. 5), so the Phase I and final
+  scale (``step_km``), never below the gallery's spacing (refinement moves candidates within their cells only,
+  so cells still compete at that resolution), with a dead zone of one scale (``vidtag.decode``). The GeoRefiner still reads the Phase I top-1 (Fig. 5), so the Phase I and final
   lattices are decoded independently and the argmax and Viterbi answers come from one pass.
   The confidence is measured around the answer that is reported (decoded or not).
 
@@ -131,6 +131,7 @@ class InferenceConfig:
     refine_step_km: float = 0.05  # the lattice's spacing
     refine_radius_km: float | None = None  # half-width searched around a candidate; None = half the gallery spacing
     refine_k: int = 8  # candidates refined per frame
+    refine_rerank: bool = False  # True: refined candidates re-sorted by their refined scores (vidtag.refine)
     # None = what the bundle records from its evaluation (config.json "inference"), else 0 (Fig. 5)
     expert_weight: float | None = None  # weight of the per-frame expert's logits in both retrievals (needs a bundle with one)
     smooth_frames: int | None = None  # temporal median of each retrieval's answers over +-this many frames (0 = off)
@@ -150,7 +151,9 @@ class InferenceConfig:
         return DecodeConfig(step_km=self.step_km, max_speed_kmh=self.max_speed_kmh, transition_weight=self.transition_weight)
 
     def refine_config(self) -> RefineConfig | None:
-        return RefineConfig(step_km=self.refine_step_km, radius_km=self.refine_radius_km, top=self.refine_k) if self.refine else None
+        if not self.refine:
+            return None
+        return RefineConfig(step_km=self.refine_step_km, radius_km=self.refine_radius_km, top=self.refine_k, rerank=self.refine_rerank)
 
 
 @dataclass
@@ -181,21 +184,28 @@ class Located:
     # decoded as requested. Empty otherwise.
     candidates: dict[str, Candidates] = field(default_factory=dict)
     n_refined_points: int = 0  # fine-lattice points the location encoder embedded (vidtag.refine)
-    # With smoothing (locate(smooth_frames=N)): per stage, the smoothed answers (M, 2), keyed by decoded (True) or not.
-    smoothed: dict[str, dict[bool, np.ndarray]] = field(default_factory=dict)
+    # With smoothing (locate(smooth_frames=N)): per stage, the smoothed answers (M, 2) of the best candidate ("best"),
+    # of the decoded path ("decoded", when decoded) and of the gallery top-1 before refinement ("gallery", when refined).
+    smoothed: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def latlon(self, stage: str, gallery: np.ndarray, decoded: bool = True) -> np.ndarray:
         """(M, 2) degrees: the answer of ``stage`` ("phase1" | "final"): smoothed where smoothing ran; else from
         its candidates where kept (decoded path or best, refined when refinement ran), else Fig. 5's gallery top-1."""
         if stage in self.smoothed:
             per = self.smoothed[stage]
-            return per[decoded and True in per]
+            return per["decoded" if decoded and "decoded" in per else "best"]
         if stage in self.candidates:
             return self.candidates[stage].answer(decoded)
         idx = self.phase1 if stage == "phase1" else self.final
         if idx is None:
             raise InferenceError(f"no {stage!r} answer: this locator stops after Phase I")
         return np.asarray(gallery)[idx]
+
+    def before_refinement(self) -> Located:
+        """The same answers as Fig. 5's gallery top-1 would give them, before local refinement (smoothed where
+        smoothing ran): what refinement is compared against."""
+        smoothed = {stage: {"best": per.get("gallery", per["best"])} for stage, per in self.smoothed.items()}
+        return replace(self, candidates={}, smoothed=smoothed)
 
 
 @contextmanager
@@ -316,14 +326,16 @@ class Locator:
         k = max(1, min(int(k), n_gallery))
         k_search = max(k, top_k)  # one search serves the confidence and the candidates
         local = self.local_refiner(refine) if refine is not None else None
-        if decode is not None:  # no scale below the candidates' own resolution: a one-cell move is within the dead zone
-            resolution_km = refine.step_km if refine is not None else self.spacing_km()
-            decode = replace(decode, min_scale_km=max(decode.min_scale_km, resolution_km))
+        if decode is not None:  # no scale below the gallery's resolution: a one-cell move is within the dead zone
+            # Refinement moves candidates within their own cells only, so cells still compete at the gallery's
+            # spacing: a dead zone of the lattice's step would make every move to a neighbouring cell cost
+            # spacing / step nats and freeze the path (measured: README "Refinement").
+            decode = replace(decode, min_scale_km=max(decode.min_scale_km, self.spacing_km()))
         ts = None if timestamp_s is None else np.asarray(timestamp_s, dtype=np.float64)
         stages = ("phase1",) if self.refiner is None else ("phase1", "final")
         rows_out, p1_out, p2_out, conf_out = [], [], [], []
         cand_out: dict[str, list] = {s: [] for s in stages}
-        smooth_out: dict[str, dict[bool, list]] = {s: {} for s in stages} if smooth_frames else {}
+        smooth_out: dict[str, dict[str, list]] = {s: {} for s in stages} if smooth_frames else {}
         chunks = padded_chunks(table, batch_frames) if len(table) else []
         with _eval_mode(self.frame_encoder, self.refiner):
             for _, rows, pad in progress_bar(chunks, total=len(chunks), desc="inference", unit="batch", enabled=progress):
@@ -353,10 +365,11 @@ class Locator:
                     answer["phase1"] = self._answer(lat1, confidence_decoded)
                 query_gps = self.gallery_latlon_t[i1[:, 0]]  # (M, 2) Fig. 5: the Phase I top-1 feeds the GeoRefiner
                 if smooth_frames:
-                    self._smooth_answers(smooth_out["phase1"], smoothed, query_gps, lat1 if top_k else None, decode is not None)
+                    self._smooth_answers(smooth_out["phase1"], smoothed, query_gps, lat1 if top_k else None, decode is not None,
+                                         local is not None)
                     query_gps = smoothed(query_gps)
                     if "phase1" in answer:
-                        answer["phase1"] = smooth_out["phase1"][confidence_decoded and decode is not None][-1]
+                        answer["phase1"] = smooth_out["phase1"]["decoded" if confidence_decoded and decode is not None else "best"][-1]
                 if self.refiner is not None:
                     gps_emb = torch.zeros_like(frame_emb)
                     if smooth_frames:  # smoothed points lie between gallery points: embed them
@@ -386,8 +399,8 @@ class Locator:
                         answer["final"] = self._answer(lat2, confidence_decoded)
                     if smooth_frames:
                         self._smooth_answers(smooth_out["final"], smoothed, self.gallery_latlon_t[i2[:, 0]],
-                                             lat2 if top_k else None, decode is not None)
-                        answer["final"] = smooth_out["final"][confidence_decoded and decode is not None][-1]
+                                             lat2 if top_k else None, decode is not None, local is not None)
+                        answer["final"] = smooth_out["final"]["decoded" if confidence_decoded and decode is not None else "best"][-1]
                 if confidence_radius_km is not None:
                     stage = stages[-1]  # the answer: final, or Phase I for a Phase-I-only locator
                     at = answer.get(stage)
@@ -420,12 +433,15 @@ class Locator:
         return torch.cat([q, self.expert_ratio * expert_q], dim=1) * math.sqrt(2.0)
 
     @staticmethod
-    def _smooth_answers(out: dict[bool, list], smoothed, top1: torch.Tensor, lattice, decoded: bool) -> None:
-        """Append one chunk's smoothed answers: the best candidate's (or top-1's), and the decoded path's."""
+    def _smooth_answers(out: dict[str, list], smoothed, top1: torch.Tensor, lattice, decoded: bool, refined: bool) -> None:
+        """Append one chunk's smoothed answers (``Located.smoothed``): the best candidate's (or the gallery top-1's),
+        the decoded path's, and with refinement the gallery top-1's too."""
         best = Locator._answer(lattice, False) if lattice is not None else top1
-        out.setdefault(False, []).append(smoothed(best))
+        out.setdefault("best", []).append(smoothed(best))
         if decoded and lattice is not None:
-            out.setdefault(True, []).append(smoothed(Locator._answer(lattice, True)))
+            out.setdefault("decoded", []).append(smoothed(Locator._answer(lattice, True)))
+        if refined:
+            out.setdefault("gallery", []).append(smoothed(top1))
 
     def _frame_embeddings(self, source, rows: torch.Tensor, pad: torch.Tensor, plan: WindowPlan | None,
                           batch_frames: int) -> torch.Tensor:
