@@ -38,7 +38,7 @@ test-fast: install
 	$(PY) -m pytest -q -x --durations=15 -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 # The paper's comparison rows (Tables 4, 5, 7, 10; GeoCLIP fine-tuned and zero-shot) as DVC experiments of this
-# pipeline, then metrics/experiments.csv and .md. Resumable; about 45 minutes on the demo (pipeline/experiments.py).
+# pipeline, then metrics/experiments.csv and .md. Resumable; about 55 minutes on the demo (pipeline/experiments.py).
 experiments: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pipeline.experiments
 

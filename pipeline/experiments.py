@@ -30,7 +30,7 @@ the baseline nothing after `make demo` (else the whole pipeline, ~4.5 min); each
 gallery and evaluation, under a minute; each alpha row (Table 7) Phase II and evaluation, ~2.5 min; each
 sequence-length row (Table 10) and each DINOv2 row (Table 4) both training phases and evaluation, ~3.5 min;
 GeoCLIP fine-tuned Phase I and evaluation, ~1.5 min; each seed row both phases and evaluation, ~4 min; plus ~15 s
-of DVC bookkeeping per experiment: about 45 minutes in all. On real data every row that re-runs Phase I is a full training run (Appendix A).
+of DVC bookkeeping per experiment, and about 70 s more for each refinement row: 51-55 minutes in all (2026-12-07). On real data every row that re-runs Phase I is a full training run (Appendix A).
 
 Resumable: a finished experiment (same name on this commit, same params, metrics present) is skipped, so an
 interrupted `make experiments` re-run picks up where it stopped, and the experiment that was interrupted resumes
