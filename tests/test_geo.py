@@ -135,3 +135,13 @@ def test_check_latlon_names_the_source_and_first_bad_row():
         geo.check_latlon([1.0, 91.0, -91.0], [3.0, 4.0, 5.0], source="x.csv")
     with pytest.raises(GalleryError, match=r"^g line 3: lat/lon is NaN"):
         geo.check_latlon([np.nan], [0.0], source="g", row_name=lambda i: f"line {i + 3}", error=GalleryError)
+
+
+def test_torch_unit_vectors_match_numpy_and_round_trip_at_poles_and_antimeridian():
+    ll = torch.tensor([[0.0, 0.0], [48.85, 2.35], [-33.9, 151.2], [89.999, -179.9], [-45.0, 180.0], [10.0, -179.999]],
+                      dtype=torch.float64)
+    v = geo.unit_vectors_torch(ll)
+    np.testing.assert_allclose(v.numpy(), geo.unit_vectors(ll[:, 0].numpy(), ll[:, 1].numpy()), atol=1e-15)
+    back = geo.latlon_from_vectors_torch(3.0 * v)  # any length: only the direction counts
+    np.testing.assert_allclose(back[:, 0].numpy(), ll[:, 0].numpy(), atol=1e-9)
+    assert np.abs(geo.wrap_lon(back[:, 1].numpy() - ll[:, 1].numpy())).max() < 1e-9  # 180 and -180 are one meridian

@@ -18,6 +18,7 @@ from vidtag.metrics import (
     distinct_cells,
     distinct_points,
     evaluate,
+    evaluate_with_sequences,
     mean_range_difference,
     nearest_gallery_index,
     path_length_ratios,
@@ -310,6 +311,17 @@ def test_per_sequence_table():
     assert table["path_length_ratio"].to_list() == [pytest.approx(50.0), None]  # s2 did not move: no ratio
     assert table["distinct_points"].to_list() == [3, 1]
     assert table["r2_in_drive"].to_list() == [pytest.approx(1 - 57624 / 18), None]
+
+
+def test_evaluate_with_sequences_is_evaluate_and_per_sequence_in_one_pass():
+    pred = tiny_predictions()
+    gallery = np.array([[0.0, 0.0], [0.5, 0.0], [1.0, 0.0]])
+    out, table = evaluate_with_sequences(pred, gallery)
+    assert out == evaluate(pred, gallery)
+    assert table.equals(per_sequence(pred, gallery)) and "distinct_true_cells" in table.columns
+    no_truth = pred.with_columns(gt_lat=pl.lit(None, pl.Float64), gt_lon=pl.lit(None, pl.Float64), city=pl.lit("x"), pred_city=pl.lit("x"))
+    out, table = evaluate_with_sequences(no_truth)
+    assert table is None and out["city"] == {"city": 100.0}
 
 
 def test_evaluate_length_one_sequences():

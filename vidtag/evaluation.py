@@ -34,7 +34,7 @@ from vidtag.geo import haversine_km, unit_vectors
 from vidtag.inference import (InferenceConfig, Located, check_expert_and_smoothing, frame_table, gallery_latlon, locate_sequences,
                               offsets_from_sequence_ids)
 from vidtag.io import atomic_path, write_json_atomic, write_parquet_atomic
-from vidtag.metrics import LABEL_LEVELS, evaluate, per_sequence
+from vidtag.metrics import LABEL_LEVELS, evaluate, evaluate_with_sequences, per_sequence
 from vidtag.viz import accuracy_by_threshold, error_cdf, trajectory_map_png
 from vidtag.windows import DEFAULT_WINDOW_FRAMES, DEFAULT_WINDOW_OVERLAP, check_window
 
@@ -304,12 +304,12 @@ def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = E
     cols = ["sequence_id", "frame_index", "lat", "lon", "gt_lat", "gt_lon", "phase1_lat", "phase1_lon", "confidence", "valid"]
     pred = pred.select(cols + [c for c in pred.columns if c not in cols])
 
-    metrics = evaluate(pred, gallery)
+    metrics, seq = evaluate_with_sequences(pred, gallery)  # the per-sequence tables are reported below too
     phase1_df = pred.select("sequence_id", "frame_index", "gt_lat", "gt_lon", lat="phase1_lat", lon="phase1_lon")
     if labels is not None:
         phase1_df = phase1_df.with_columns(*[pred[c] for c in LABEL_LEVELS if c in pred.columns],
                                            *labels.columns(phase1_df["lat"].to_numpy(), phase1_df["lon"].to_numpy()))
-    p1 = evaluate(phase1_df, gallery)
+    p1, seq_p1 = evaluate_with_sequences(phase1_df, gallery)
     metrics["phase1"] = {k: p1[k] for k in ("frame", "video", "trajectory", "shape", "city") if k in p1}
     if labels is not None:
         metrics["city_frame"] = frame_label_accuracy(pred)
@@ -327,8 +327,9 @@ def run_evaluation(bundle, features, manifest: pl.DataFrame, cfg: EvalConfig = E
     if torch.cuda.is_available():
         timing["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
-    seq = per_sequence(pred, gallery)
-    seq_p1 = per_sequence(phase1_df, gallery).select("sequence_id", phase1_median_km="median_km", phase1_dfd_km="dfd_km",
+    if seq is None or seq_p1 is None:  # no frame with ground truth: per_sequence says so in one line
+        seq, seq_p1 = per_sequence(pred, gallery), per_sequence(phase1_df, gallery)
+    seq_p1 = seq_p1.select("sequence_id", phase1_median_km="median_km", phase1_dfd_km="dfd_km",
                                                      phase1_path_length_ratio="path_length_ratio",
                                                      phase1_distinct_cells="distinct_cells", phase1_r2_in_drive="r2_in_drive")
     conf = pred.group_by("sequence_id").agg(mean_confidence=pl.col("confidence").mean())

@@ -49,6 +49,21 @@ def haversine_km_torch(lat1: torch.Tensor, lon1: torch.Tensor, lat2: torch.Tenso
     return 2 * EARTH_RADIUS_KM * torch.asin(torch.sqrt(a.clamp(0.0, 1.0)))
 
 
+def unit_vectors_torch(latlon_deg: torch.Tensor) -> torch.Tensor:
+    """(..., 2) degrees -> (..., 3) float64 unit vectors on the sphere (:func:`unit_vectors` on the device)."""
+    rad = torch.deg2rad(latlon_deg.double())
+    lat, lon = rad[..., 0], rad[..., 1]
+    return torch.stack([lat.cos() * lon.cos(), lat.cos() * lon.sin(), lat.sin()], dim=-1)
+
+
+def latlon_from_vectors_torch(v: torch.Tensor) -> torch.Tensor:
+    """(..., 3) non-zero vectors -> (..., 2) float64 degrees of their directions (any length: atan2, no arcsin)."""
+    v = v.double()
+    lat = torch.atan2(v[..., 2], torch.linalg.vector_norm(v[..., :2], dim=-1))
+    lon = torch.atan2(v[..., 1], v[..., 0])
+    return torch.rad2deg(torch.stack([lat, lon], dim=-1))
+
+
 def pairwise_haversine_km(a_deg: np.ndarray, b_deg: np.ndarray) -> np.ndarray:
     """Distance matrix (n, m) in km between (n, 2) and (m, 2) arrays of (lat, lon) degrees."""
     a = np.asarray(a_deg, dtype=np.float64)

@@ -696,6 +696,14 @@ def evaluate(predictions: pl.DataFrame, gallery_latlon=None, label_level: str = 
     the retrieval gallery, needed only for the true-cell counts. Values that have no sequence to be
     computed over (no moving sequence, none in the right city) are None.
     """
+    return evaluate_with_sequences(predictions, gallery_latlon, label_level)[0]
+
+
+def evaluate_with_sequences(predictions: pl.DataFrame, gallery_latlon=None,
+                            label_level: str = "video") -> tuple[dict, pl.DataFrame | None]:
+    """:func:`evaluate` and the :func:`per_sequence` table it summarises (None without ground truth), from one
+    pass: a caller that reports both (the `evaluate` stage) computes each sequence's Fréchet distance and
+    nearest gallery cells once, not twice."""
     gallery = _check_gallery(gallery_latlon)
     if label_level not in ("video", "frame"):
         raise ValueError(f"label_level must be 'video' or 'frame', got {label_level!r}")
@@ -709,6 +717,7 @@ def evaluate(predictions: pl.DataFrame, gallery_latlon=None, label_level: str = 
         )
     out: dict = {}
     n_sequences = 0
+    table = None
     if n_gt:
         table, dist_km = _sequence_table(df, gallery)
         n_sequences = table.height
@@ -723,4 +732,4 @@ def evaluate(predictions: pl.DataFrame, gallery_latlon=None, label_level: str = 
     out["n_frames"] = n_gt
     out["n_sequences"] = n_sequences
     out["n_frames_excluded"] = df.height - n_gt
-    return out
+    return out, table

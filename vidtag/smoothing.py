@@ -19,21 +19,7 @@ import math
 import torch
 
 from vidtag.errors import InferenceError
-
-
-def unit_vectors_torch(latlon_deg: torch.Tensor) -> torch.Tensor:
-    """(..., 2) degrees -> (..., 3) float64 unit vectors on the sphere."""
-    rad = torch.deg2rad(latlon_deg.double())
-    lat, lon = rad[..., 0], rad[..., 1]
-    return torch.stack([lat.cos() * lon.cos(), lat.cos() * lon.sin(), lat.sin()], dim=-1)
-
-
-def latlon_from_vectors(v: torch.Tensor) -> torch.Tensor:
-    """(..., 3) non-zero vectors -> (..., 2) float64 degrees of their directions."""
-    v = v.double()
-    lat = torch.atan2(v[..., 2], torch.linalg.vector_norm(v[..., :2], dim=-1))
-    lon = torch.atan2(v[..., 1], v[..., 0])
-    return torch.rad2deg(torch.stack([lat, lon], dim=-1))
+from vidtag.geo import latlon_from_vectors_torch, unit_vectors_torch
 
 
 def smooth_tracks(latlon: torch.Tensor, valid: torch.Tensor, half: int) -> torch.Tensor:
@@ -58,7 +44,7 @@ def smooth_tracks(latlon: torch.Tensor, valid: torch.Tensor, half: int) -> torch
     # A median of unit vectors is never the zero vector unless the window's frames are spread over the whole
     # sphere; keep the frame's own answer there rather than dividing by ~0.
     ok = valid & (torch.linalg.vector_norm(med, dim=-1) > 1e-9)
-    out[ok] = latlon_from_vectors(med[ok])
+    out[ok] = latlon_from_vectors_torch(med[ok])
     return out
 
 
