@@ -336,6 +336,7 @@ class Locator:
         rows_out, p1_out, p2_out, conf_out = [], [], [], []
         cand_out: dict[str, list] = {s: [] for s in stages}
         smooth_out: dict[str, dict[str, list]] = {s: {} for s in stages} if smooth_frames else {}
+        reported = "decoded" if confidence_decoded and decode is not None else "best"  # the smoothed answer the confidence is measured at
         chunks = padded_chunks(table, batch_frames) if len(table) else []
         with _eval_mode(self.frame_encoder, self.refiner):
             for _, rows, pad in progress_bar(chunks, total=len(chunks), desc="inference", unit="batch", enabled=progress):
@@ -369,7 +370,7 @@ class Locator:
                                          local is not None)
                     query_gps = smoothed(query_gps)
                     if "phase1" in answer:
-                        answer["phase1"] = smooth_out["phase1"]["decoded" if confidence_decoded and decode is not None else "best"][-1]
+                        answer["phase1"] = smooth_out["phase1"][reported][-1]
                 if self.refiner is not None:
                     gps_emb = torch.zeros_like(frame_emb)
                     if smooth_frames:  # smoothed points lie between gallery points: embed them
@@ -400,7 +401,7 @@ class Locator:
                     if smooth_frames:
                         self._smooth_answers(smooth_out["final"], smoothed, self.gallery_latlon_t[i2[:, 0]],
                                              lat2 if top_k else None, decode is not None, local is not None)
-                        answer["final"] = smooth_out["final"]["decoded" if confidence_decoded and decode is not None else "best"][-1]
+                        answer["final"] = smooth_out["final"][reported][-1]
                 if confidence_radius_km is not None:
                     stage = stages[-1]  # the answer: final, or Phase I for a Phase-I-only locator
                     at = answer.get(stage)
